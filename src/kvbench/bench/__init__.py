@@ -1,0 +1,1 @@
+"""Benchmark harness: workloads, suite specs, the runner, metrics, records and reports."""

@@ -1,0 +1,89 @@
+"""Refuse a sweep whose largest point would not fit in memory, before it can take the machine down.
+
+The estimate is deliberately conservative: weights, the full KV cache of the largest point, and
+prefill activations including one layer's attention-score matrix (the eager/masked SDPA path
+materialises it; fused kernels need less).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import psutil
+
+from kvbench.bench.spec import Point, SuiteSpec
+from kvbench.errors import KvbenchError
+from kvbench.models import LoadedModel
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'8GB', '512MiB', '1.5g' or a plain byte count."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise KvbenchError(f"cannot read memory size {text!r}; write e.g. 8GB, 512MiB or 2000000000")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def kv_bytes_per_token(lm: LoadedModel) -> int:
+    """Bytes of keys + values per token per sequence, over all layers, at the model's dtype."""
+    cfg = lm.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * lm.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class Estimate:
+    point: Point
+    weights: int
+    kv: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv + self.activations
+
+
+def estimate(lm: LoadedModel, spec: SuiteSpec, prompt_tokens: dict[Point, int]) -> Estimate:
+    """The largest estimate over the suite's points (`prompt_tokens` gives each point's real length)."""
+    cfg, size = lm.config, lm.dtype.itemsize
+    worst = None
+    for point in spec.points():
+        tokens = prompt_tokens[point] + point.output_tokens
+        kv = point.batch_size * tokens * kv_bytes_per_token(lm)
+        hidden = point.batch_size * tokens * (4 * cfg.hidden_size + 2 * cfg.intermediate_size) * size
+        scores = point.batch_size * cfg.num_attention_heads * tokens * tokens * size
+        logits = point.batch_size * cfg.vocab_size * 4
+        e = Estimate(point, lm.weight_bytes, kv, hidden + scores + logits)
+        if worst is None or e.total > worst.total:
+            worst = e
+    return worst
+
+
+def default_limit(lm: LoadedModel) -> int:
+    """80% of the memory available now plus what the loaded weights already hold."""
+    return int(0.8 * (psutil.virtual_memory().available + lm.weight_bytes))
+
+
+def check(e: Estimate, limit: int) -> None:
+    if e.total <= limit:
+        return
+    p = e.point
+    raise KvbenchError(
+        f"refusing to run: the largest point ({p.key}) needs an estimated {human_bytes(e.total)} "
+        f"(weights {human_bytes(e.weights)} + KV {human_bytes(e.kv)} + activations {human_bytes(e.activations)}), "
+        f"over the memory limit of {human_bytes(limit)}. Shrink the sweep (fewer prompt_tokens, output_tokens or "
+        "batch_sizes at the top end, or a smaller model) or raise --memory-limit if you know better"
+    )

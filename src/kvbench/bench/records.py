@@ -1,0 +1,90 @@
+"""results.jsonl: one JSON record per measured trial, appended and flushed one at a time.
+
+A crash loses at most the record being written. On resume the file is read back; a line that is
+not valid JSON is reported with its number (the good records are kept, and `repair` drops it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from kvbench.errors import KvbenchError
+
+RESULTS = "results.jsonl"
+RUN_INFO = "run.json"
+
+
+class CorruptResults(KvbenchError):
+    pass
+
+
+def read_records(path: Path, strict: bool = True) -> list[dict]:
+    """All records of a results file; with strict=False, corrupt lines are skipped."""
+    records, bad = [], []
+    if not path.exists():
+        return records
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError("not an object")
+            except ValueError:
+                bad.append(number)
+                continue
+            records.append(record)
+    if bad and strict:
+        raise CorruptResults(
+            f"{path} line {bad[0]} is not a valid JSON record ({len(bad)} bad line(s), {len(records)} good "
+            "records kept); fix or delete that line, or rerun with --repair to drop bad lines"
+        )
+    return records
+
+
+def repair(path: Path) -> int:
+    """Rewrite the file (atomically) without its corrupt lines; returns how many were dropped."""
+    good = read_records(path, strict=False)
+    total = sum(1 for line in open(path, encoding="utf-8") if line.strip())
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in good))
+    return total - len(good)
+
+
+class ResultsWriter:
+    """Appends records; each is one write of one line, flushed and fsynced before returning."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fh = open(path, "a", encoding="utf-8")
+
+    def append(self, record: dict) -> None:
+        self._fh.write(json.dumps(record) + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> ResultsWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename over it: readers see old or new, never half."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

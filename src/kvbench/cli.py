@@ -1,0 +1,199 @@
+"""The `kvbench` command: env, list, generate, run, report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from kvbench.errors import KvbenchError
+
+
+
+def _defaults():
+    from kvbench.engine import GenerationConfig, SamplingConfig
+
+    return GenerationConfig(), SamplingConfig()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kvbench.device import DEVICES, DTYPES
+    from kvbench.models import EMBEDDED
+    from kvbench.strategies import STRATEGIES
+
+    gen, sampling = _defaults()
+    parser = argparse.ArgumentParser(prog="kvbench", description="KV-cache strategies for transformer inference, measured.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_args(p, default_model):
+        p.add_argument("--model", default=default_model,
+                       help=f"{EMBEDDED} (embedded default), synthetic:<tiny|135m|1b>, a local dir, a .gguf file or a hub id")
+        p.add_argument("--device", choices=DEVICES, default=None if default_model is None else "auto")
+        p.add_argument("--dtype", choices=list(DTYPES), default=None if default_model is None else "auto")
+
+    sub.add_parser("env", help="device and library check")
+    sub.add_parser("list", help="models, strategies and suites")
+
+    g = sub.add_parser("generate", help="sanity generation with timings")
+    g.add_argument("prompt")
+    model_args(g, EMBEDDED)
+    g.add_argument("--strategy", default="dynamic", help=f"one of {', '.join(STRATEGIES.names())}")
+    g.add_argument("--max-new-tokens", type=int, default=gen.max_new_tokens)
+    g.add_argument("--temperature", type=float, default=sampling.temperature, help="0 is greedy")
+    g.add_argument("--top-k", type=int, default=sampling.top_k)
+    g.add_argument("--top-p", type=float, default=sampling.top_p)
+    g.add_argument("--seed", type=int, default=sampling.seed)
+    g.add_argument("--no-chat", action="store_true", help="send the prompt without the chat template")
+
+    r = sub.add_parser("run", help="run a suite (a shipped name or a .yaml path) and write its report")
+    r.add_argument("suite")
+    model_args(r, None)
+    r.add_argument("--quick", action="store_true", help="the suite's small version (under 2 minutes on a laptop CPU)")
+    r.add_argument("--trials", type=int)
+    r.add_argument("--warmup", type=int)
+    r.add_argument("--strategies", help="comma-separated, replaces the suite's list")
+    r.add_argument("--out", type=Path, help="output dir (default results/SUITE)")
+    r.add_argument("--resume", action="store_true", help="skip trials already in OUT/results.jsonl")
+    r.add_argument("--repair", action="store_true", help="drop corrupt lines of OUT/results.jsonl first")
+    r.add_argument("--memory-limit", help="refuse sweeps estimated above this (e.g. 8GB); default 80%% of available")
+    r.add_argument("--dry-run", action="store_true", help="list the points and exit")
+    r.add_argument("--no-progress", action="store_true")
+
+    rep = sub.add_parser("report", help="write OUT/report.md and OUT/figures from a run's results")
+    rep.add_argument("out", type=Path)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return {"env": cmd_env, "list": cmd_list, "generate": cmd_generate, "run": cmd_run, "report": cmd_report}[
+            args.command](args)
+    except KvbenchError as exc:
+        print(f"kvbench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kvbench: interrupted; every record already measured is kept (rerun with --resume)", file=sys.stderr)
+        return 130
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
+def cmd_env(args) -> int:
+    import platform
+
+    import torch
+    import transformers
+
+    from kvbench.device import resolve_device
+    from kvbench.models import EMBEDDED, cache_root, embedded_gguf
+
+    print(f"python        {platform.python_version()} ({platform.platform()})")
+    print(f"torch         {torch.__version__} ({torch.get_num_threads()} threads)")
+    print(f"transformers  {transformers.__version__}")
+    print(f"cuda          {torch.cuda.is_available()}" + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""))
+    print(f"mps           {torch.backends.mps.is_available()}")
+    device = resolve_device("auto")
+    x = torch.randn(256, 256, device=device)
+    ok = torch.allclose((x @ torch.eye(256, device=device)).cpu(), x.cpu())
+    print(f"auto device   {device} (matmul check {'ok' if ok else 'FAILED'})")
+    try:
+        print(f"embedded      {EMBEDDED}: {embedded_gguf()}")
+    except KvbenchError as exc:
+        print(f"embedded      missing: {exc}")
+    print(f"cache dir     {cache_root()}")
+    return 0 if ok else 1
+
+
+def cmd_list(args) -> int:
+    from kvbench.bench.spec import load_suite, suite_names
+    from kvbench.models import known_models
+    from kvbench.strategies import STRATEGIES
+
+    print("models:     " + ", ".join(known_models()) + " (or a local dir, a .gguf file, a hub id)")
+    print("strategies:")
+    for name in STRATEGIES.names():
+        print(f"  {name:<12} {STRATEGIES.get(name).summary}")
+    print("suites:")
+    for name in suite_names():
+        print(f"  {name:<18} {' '.join(load_suite(name).description.split())}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from kvbench.bench.metrics import request_timing
+    from kvbench.bench.preflight import human_bytes
+    from kvbench.engine import GenerationConfig, SamplingConfig, generate
+    from kvbench.models import load_model
+    from kvbench.strategies import build_strategy
+
+    strategy = build_strategy(args.strategy)
+    config = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        sampling=SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed),
+    )
+    _quiet_transformers()
+    lm = load_model(args.model, args.device, args.dtype)
+    prompt = lm.encode(args.prompt, chat=not args.no_chat)
+    result = generate(lm, strategy, [prompt], config)
+    timing = request_timing(result.step_times_s)
+    print(lm.decode(result.tokens[0]))
+    print(f"\n[{lm.name} | {args.strategy} | {lm.device} {str(lm.dtype).removeprefix('torch.')}] "
+          f"prompt {len(prompt)} tokens, output {len(result.tokens[0])} tokens")
+    tpot = "–" if timing.tpot_ms is None else f"{timing.tpot_ms:.1f} ms"
+    tps = "–" if timing.decode_tokens_per_s is None else f"{timing.decode_tokens_per_s:.1f}"
+    print(f"TTFT {timing.ttft_ms:.1f} ms | TPOT {tpot} | E2E {timing.e2e_ms:.1f} ms | decode {tps} tok/s | "
+          f"KV cache {human_bytes(result.kv_cache_bytes)} | peak mem {human_bytes(max(result.peak_mem_bytes.values()))} "
+          f"({result.mem_kind})")
+    for note in result.notes:
+        print(f"note: {note}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from kvbench.bench.preflight import parse_bytes
+    from kvbench.bench.report import one_line_summary, write_report
+    from kvbench.bench.runner import RunOptions, run_suite
+    from kvbench.bench.spec import load_suite
+
+    spec = load_suite(args.suite).resolved(args.quick).with_overrides(
+        model=args.model, device=args.device, dtype=args.dtype, trials=args.trials, warmup=args.warmup,
+        strategies=[s.strip() for s in args.strategies.split(",") if s.strip()] if args.strategies else None,
+    )
+    if args.dry_run:
+        print(f"{spec.name}: {len(spec.points())} points x {spec.trials} trials (+{spec.warmup} warmup each) on {spec.model}")
+        for point in spec.points():
+            print(f"  {point.key}")
+        return 0
+    out = args.out or Path("results") / spec.name
+    options = RunOptions(
+        out=out, resume=args.resume, repair=args.repair,
+        memory_limit=parse_bytes(args.memory_limit) if args.memory_limit else None, progress=not args.no_progress,
+    )
+    _quiet_transformers()
+    outcome = run_suite(spec, options)
+    for note in outcome.notes:
+        print(f"note: {note}")
+    report = write_report(out)
+    resumed = f", {outcome.skipped} already measured" if outcome.skipped else ""
+    print(f"{spec.name}: {outcome.measured} trials measured{resumed}; {one_line_summary(out)}")
+    print(f"report: {report}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from kvbench.bench.report import one_line_summary, write_report
+
+    report = write_report(args.out)
+    print(one_line_summary(args.out))
+    print(f"report: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The generation loop: prefill, then decode one token per step, with a timestamp per step.
+
+Every clock reading follows a device synchronisation (`kvbench.device.clock`), so a timestamp
+means "this token was available on the host". Metrics (TTFT, ITL, TPOT...) are computed later
+from these raw timestamps by `kvbench.bench.metrics`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kvbench.device import clock
+from kvbench.engine.memory import PhaseMemory
+from kvbench.engine.sampling import Sampler, SamplingConfig
+from kvbench.errors import KvbenchError
+from kvbench.models import LoadedModel
+from kvbench.strategies.base import CacheStrategy
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 32
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    stop_at_eos: bool = True
+
+    def __post_init__(self):
+        if self.max_new_tokens <= 0:
+            raise KvbenchError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
+
+
+@dataclass
+class GenerationResult:
+    """Raw output of one generation over a batch of prompts.
+
+    `step_times_s[i]` is when step i's tokens (one per row) were on the host, in seconds after
+    `start_s`; step 0 is the first token, produced by prefill.
+    """
+
+    tokens: list[list[int]]  # generated ids per row, EOS included, padding after EOS excluded
+    prompt_lengths: list[int]
+    step_times_s: list[float]
+    kv_cache_bytes: int
+    peak_mem_bytes: dict[str, int]  # phase -> bytes
+    mem_kind: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def output_tokens(self) -> int:
+        """Tokens generated per row for the longest row (= decode steps + 1)."""
+        return len(self.step_times_s)
+
+
+def check_prompts(lm: LoadedModel, prompts: list[list[int]], max_new_tokens: int) -> None:
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise KvbenchError("every prompt needs at least one token")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > lm.context_window:
+        raise KvbenchError(
+            f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the context window of "
+            f"{lm.name} ({lm.context_window} tokens); shorten the prompt or lower max_new_tokens"
+        )
+    vocab = lm.config.vocab_size
+    if any(t < 0 or t >= vocab for p in prompts for t in p):
+        raise KvbenchError(f"prompt token ids must be in [0, {vocab}) for {lm.name}")
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[batch, longest] ids and attention mask, padded on the left so every row ends at the same column."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, longest - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[row, longest - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.inference_mode()
+def generate(
+    lm: LoadedModel, strategy: CacheStrategy, prompts: list[list[int]], config: GenerationConfig
+) -> GenerationResult:
+    """Generate up to `config.max_new_tokens` tokens for each prompt with the strategy's cache."""
+    check_prompts(lm, prompts, config.max_new_tokens)
+    device, model = lm.device, lm.model
+    eos = torch.tensor(lm.eos_token_ids if config.stop_at_eos else [], dtype=torch.long, device=device)
+    pad_id = lm.eos_token_ids[0] if lm.eos_token_ids else 0
+    ids, mask = left_pad(prompts, pad_id, device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    padded = bool((mask == 0).any())
+    batch = len(prompts)
+    cache = strategy.make_cache(lm, batch, ids.shape[1] + config.max_new_tokens)
+    uses_cache = strategy.capabilities.uses_cache
+    sampler = Sampler(config.sampling, device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    generated: list[torch.Tensor] = []
+    step_times: list[float] = []
+
+    def forward(step_ids, step_positions):
+        out = model(
+            input_ids=step_ids,
+            attention_mask=mask if padded else None,
+            position_ids=step_positions,
+            past_key_values=cache,
+            use_cache=uses_cache,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1]
+
+    with PhaseMemory(device) as memory:
+        memory.phase("prefill")
+        start = clock(device)
+        next_tokens = sampler(forward(ids, positions))
+        while True:
+            next_tokens = torch.where(finished, pad_id, next_tokens)
+            generated.append(next_tokens)
+            finished |= torch.isin(next_tokens, eos)
+            step_times.append(clock(device) - start)
+            if len(step_times) == 1:
+                memory.phase("decode")
+            if len(generated) == config.max_new_tokens or bool(finished.all()):
+                break
+            step_ids, step_positions = next_tokens[:, None], positions[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+            if uses_cache:
+                next_tokens = sampler(forward(step_ids, step_positions))
+            else:  # full recompute: the whole sequence goes through the model again
+                ids = torch.cat([ids, step_ids], dim=-1)
+                positions = torch.cat([positions, step_positions], dim=-1)
+                next_tokens = sampler(forward(ids, positions))
+                continue
+            positions = torch.cat([positions, step_positions], dim=-1)
+
+    return GenerationResult(
+        tokens=_trim(torch.stack(generated, dim=1).tolist(), set(eos.tolist())),
+        prompt_lengths=[len(p) for p in prompts],
+        step_times_s=step_times,
+        kv_cache_bytes=strategy.kv_bytes(cache),
+        peak_mem_bytes=dict(memory.peaks),
+        mem_kind=memory.kind,
+        notes=strategy.notes(device),
+    )
+
+
+def _trim(rows: list[list[int]], eos: set[int]) -> list[list[int]]:
+    """Cut each row after its first EOS (later columns are padding for rows that stopped early)."""
+    out = []
+    for row in rows:
+        end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        out.append(row[:end])
+    return out

@@ -1,0 +1,52 @@
+"""The strategy interface: a small dataclass per cache mode, with capabilities the engine asks about.
+
+The engine never switches on concrete strategy classes; it asks `capabilities` and calls
+`make_cache` / `kv_bytes`. Fields of a strategy dataclass are its hyperparameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import Cache
+
+    from kvbench.models import LoadedModel
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    uses_cache: bool = True  # False: every step recomputes the whole sequence
+    lossless: bool = True  # greedy output must equal the full `dynamic` cache
+    supports_batching: bool = True
+    needs_attention_scores: bool = False
+
+
+@dataclass
+class CacheStrategy:
+    """Base class. Subclasses set `name`, `summary`, `capabilities` and implement `make_cache`."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    capabilities: ClassVar[Capabilities] = Capabilities()
+
+    def make_cache(self, lm: LoadedModel, batch_size: int, max_len: int) -> Cache | None:
+        """A fresh cache for one generation of `batch_size` rows and at most `max_len` tokens per row."""
+        raise NotImplementedError
+
+    def kv_bytes(self, cache: Cache | None) -> int:
+        """Exact bytes the cache holds: every key/value tensor of every layer (allocated, not just used)."""
+        if cache is None:
+            return 0
+        return sum(_tensor_bytes(getattr(layer, attr, None)) for layer in cache.layers for attr in ("keys", "values"))
+
+    def notes(self, device: torch.device) -> list[str]:
+        """Plain-language caveats for this device (printed and stored with the run)."""
+        return []
+
+
+def _tensor_bytes(t) -> int:
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
