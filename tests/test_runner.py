@@ -1,0 +1,102 @@
+import json
+
+import pytest
+
+from kvbench.bench.records import read_records
+from kvbench.bench.report import write_report
+from kvbench.bench.runner import RunOptions, run_suite
+from kvbench.bench.spec import load_suite
+from kvbench.errors import KvbenchError
+
+FIELDS = {"suite", "strategy", "model", "prompt_tokens", "output_tokens", "batch_size", "trial", "ttft_ms", "tpot_ms",
+          "e2e_ms", "decode_tokens_per_s", "kv_cache_bytes", "peak_mem_bytes", "mem_kind"}
+
+
+def _run(spec, out, tiny, **kw):
+    return run_suite(spec, RunOptions(out=out, progress=False, **kw), lm=tiny)
+
+
+def test_run_writes_one_record_per_trial(tiny_suite, tmp_path, tiny):
+    spec = load_suite(str(tiny_suite))
+    outcome = _run(spec, tmp_path / "out", tiny)
+    records = read_records(tmp_path / "out" / "results.jsonl")
+    measured = [r for r in records if not r["warmup"]]
+    assert outcome.measured == len(measured) == 4 * 2
+    assert len(records) - len(measured) == 4  # one warmup per point, recorded as such
+    assert FIELDS <= set(measured[0])
+    assert {r["prompt_tokens"] for r in measured} == {16, 32}
+    assert all(r["output_tokens"] == 4 for r in measured)
+    info = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert info["spec"]["name"] == "tiny" and info["model"]["fingerprint"] == tiny.fingerprint
+    assert {"python", "torch", "transformers", "kvbench", "device_name"} <= set(info["environment"])
+
+
+def test_resume_skips_measured_trials(tiny_suite, tmp_path, tiny):
+    spec = load_suite(str(tiny_suite))
+    out = tmp_path / "out"
+    _run(spec.with_overrides(trials=1), out, tiny)
+    outcome = _run(spec, out, tiny, resume=True)  # two trials wanted, one already there
+    assert (outcome.measured, outcome.skipped) == (4, 4)
+    again = _run(spec, out, tiny, resume=True)
+    assert again.measured == 0
+    measured = [r for r in read_records(out / "results.jsonl") if not r["warmup"]]
+    assert sorted((r["point"], r["trial"]) for r in measured) == sorted({(r["point"], r["trial"]) for r in measured})
+    assert len(measured) == 8
+
+
+def test_existing_results_need_resume(tiny_suite, tmp_path, tiny):
+    spec = load_suite(str(tiny_suite))
+    _run(spec.with_overrides(trials=1), tmp_path / "out", tiny)
+    with pytest.raises(KvbenchError, match="--resume"):
+        _run(spec, tmp_path / "out", tiny)
+
+
+def test_resume_refuses_a_different_sweep(tiny_suite, tmp_path, tiny):
+    spec = load_suite(str(tiny_suite))
+    _run(spec.with_overrides(trials=1), tmp_path / "out", tiny)
+    with pytest.raises(KvbenchError, match="different sweep"):
+        _run(spec.with_overrides(prompt_tokens=[8]), tmp_path / "out", tiny, resume=True)
+
+
+def test_corrupt_line_is_reported_and_repair_keeps_good_records(tiny_suite, tmp_path, tiny):
+    spec = load_suite(str(tiny_suite)).with_overrides(trials=1)
+    out = tmp_path / "out"
+    _run(spec, out, tiny)
+    results = out / "results.jsonl"
+    good = len(read_records(results))
+    with open(results, "a") as fh:
+        fh.write('{"suite": "tiny", "trunc')  # a record cut off by a crash
+    with pytest.raises(KvbenchError, match=rf"line {good + 1} is not a valid JSON record .*{good} good records kept"):
+        _run(spec, out, tiny, resume=True)
+    assert len(read_records(results, strict=False)) == good
+    outcome = _run(spec.with_overrides(trials=2), out, tiny, resume=True, repair=True)
+    assert outcome.skipped == 4 and outcome.measured == 4
+
+
+def test_unwritable_output_dir(tiny_suite, tmp_path, tiny):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a dir")
+    with pytest.raises(KvbenchError, match="cannot write to output dir"):
+        _run(load_suite(str(tiny_suite)), blocker / "out", tiny)
+
+
+def test_preflight_refuses_a_sweep_over_the_memory_limit(tiny_suite, tmp_path, tiny):
+    with pytest.raises(KvbenchError, match=r"refusing to run: the largest point \(.*p32.*\).*Shrink the sweep"):
+        _run(load_suite(str(tiny_suite)), tmp_path / "out", tiny, memory_limit=10_000)
+    assert not (tmp_path / "out" / "results.jsonl").exists() or (tmp_path / "out" / "results.jsonl").stat().st_size == 0
+
+
+def test_report_reads_records_only(tiny_suite, tmp_path, tiny):
+    out = tmp_path / "out"
+    _run(load_suite(str(tiny_suite)), out, tiny)
+    report = write_report(out).read_text()
+    assert "| dynamic/p16/o4/b1 | 2 |" in report
+    assert "Speedup against `no_cache`" in report
+    for figure in ("latency_vs_prompt.png", "strategies.png", "speedup.png"):
+        assert (out / "figures" / figure).stat().st_size > 1000
+        assert f"figures/{figure}" in report
+
+
+def test_report_without_results_says_what_to_do(tmp_path):
+    with pytest.raises(KvbenchError, match="run a suite first"):
+        write_report(tmp_path)
