@@ -100,3 +100,10 @@ def test_report_reads_records_only(tiny_suite, tmp_path, tiny):
 def test_report_without_results_says_what_to_do(tmp_path):
     with pytest.raises(KvbenchError, match="run a suite first"):
         write_report(tmp_path)
+
+
+def test_strategies_take_turns_within_a_shape(tiny_suite, tmp_path, tiny):
+    _run(load_suite(str(tiny_suite)), tmp_path / "out", tiny)
+    measured = [r for r in read_records(tmp_path / "out" / "results.jsonl") if not r["warmup"]]
+    order = [(r["strategy"], r["trial"]) for r in measured if r["target_prompt_tokens"] == 16]
+    assert order == [("no_cache", 0), ("dynamic", 0), ("no_cache", 1), ("dynamic", 1)]

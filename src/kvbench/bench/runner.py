@@ -79,22 +79,45 @@ def run_suite(spec: SuiteSpec, options: RunOptions, lm: LoadedModel | None = Non
     skipped = spec.trials * len(spec.points()) - len(todo)
     bar = tqdm(total=len(todo), desc=spec.name, unit="trial", disable=not options.progress)
     with ResultsWriter(results_path) as writer:
-        for point in spec.points():
-            trials = [t for p, t in todo if p == point]
-            if not trials:
-                continue
-            strategy = build_strategy(point.strategy)
-            config = GenerationConfig(max_new_tokens=point.output_tokens, stop_at_eos=not spec.ignore_eos)
-            bar.set_postfix_str(point.key)
-            for w in range(spec.warmup):
-                result = generate(lm, strategy, _batch(prompts[point], point.batch_size, w), config)
-                writer.append(_record(spec, lm, point, w, result, warmup=True))
-            for trial in trials:
-                result = generate(lm, strategy, _batch(prompts[point], point.batch_size, trial), config)
-                writer.append(_record(spec, lm, point, trial, result, warmup=False))
-                bar.update()
+        for shape in _shapes(spec.points()):
+            # Strategies of one shape take turns trial by trial, so drift of the machine (heat, other
+            # load) spreads over all of them instead of biasing whichever ran last.
+            pending = {p: [t for q, t in todo if q == p] for p in shape}
+            pending = {p: ts for p, ts in pending.items() if ts}
+            runs = {p: _PointRun(spec, lm, p, prompts[p]) for p in pending}
+            for point, run in runs.items():
+                bar.set_postfix_str(f"warmup {point.key}")
+                for w in range(spec.warmup):
+                    writer.append(run.measure(w, warmup=True))
+            for trial in range(spec.trials):
+                for point, run in runs.items():
+                    if trial in pending[point]:
+                        bar.set_postfix_str(point.key)
+                        writer.append(run.measure(trial, warmup=False))
+                        bar.update()
     bar.close()
     return RunOutcome(out, len(todo), skipped, tuple(notes))
+
+
+class _PointRun:
+    """Everything needed to measure one point again and again."""
+
+    def __init__(self, spec: SuiteSpec, lm: LoadedModel, point: Point, prompts: list[list[int]]):
+        self.spec, self.lm, self.point, self.prompts = spec, lm, point, prompts
+        self.strategy = build_strategy(point.strategy)
+        self.config = GenerationConfig(max_new_tokens=point.output_tokens, stop_at_eos=not spec.ignore_eos)
+
+    def measure(self, trial: int, warmup: bool) -> dict:
+        result = generate(self.lm, self.strategy, _batch(self.prompts, self.point.batch_size, trial), self.config)
+        return _record(self.spec, self.lm, self.point, trial, result, warmup)
+
+
+def _shapes(points: list[Point]) -> list[list[Point]]:
+    """Points grouped by (prompt, output, batch), in sweep order: the strategies compared with each other."""
+    groups: dict[tuple, list[Point]] = {}
+    for p in points:
+        groups.setdefault((p.prompt_tokens, p.output_tokens, p.batch_size), []).append(p)
+    return list(groups.values())
 
 
 def _prompts_for(spec: SuiteSpec, lm: LoadedModel, point: Point) -> list[list[int]]:

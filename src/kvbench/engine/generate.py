@@ -116,6 +116,7 @@ def generate(
         memory.phase("prefill")
         start = clock(device)
         next_tokens = sampler(forward(ids, positions))
+        last_position = positions[:, -1:]
         while True:
             next_tokens = torch.where(finished, pad_id, next_tokens)
             generated.append(next_tokens)
@@ -125,16 +126,16 @@ def generate(
                 memory.phase("decode")
             if len(generated) == config.max_new_tokens or bool(finished.all()):
                 break
-            step_ids, step_positions = next_tokens[:, None], positions[:, -1:] + 1
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+            step_ids, last_position = next_tokens[:, None], last_position + 1
+            if padded:
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
             if uses_cache:
-                next_tokens = sampler(forward(step_ids, step_positions))
+                logits = forward(step_ids, last_position)
             else:  # full recompute: the whole sequence goes through the model again
                 ids = torch.cat([ids, step_ids], dim=-1)
-                positions = torch.cat([positions, step_positions], dim=-1)
-                next_tokens = sampler(forward(ids, positions))
-                continue
-            positions = torch.cat([positions, step_positions], dim=-1)
+                positions = torch.cat([positions, last_position], dim=-1)
+                logits = forward(ids, positions)
+            next_tokens = sampler(logits)
 
     return GenerationResult(
         tokens=_trim(torch.stack(generated, dim=1).tolist(), set(eos.tolist())),
