@@ -4,8 +4,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # torch is pinned to the CPU build that ships on disk; a bare `torch` pulls a multi-GB CUDA build.
 TORCH_PIN := torch==2.13.0
+# Where a CPU wheel of torch lies on disk (this project's machines); elsewhere set TORCH_INDEX, e.g.
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu, to avoid the multi-GB CUDA build.
 WHEELS := $(wildcard /opt/wheels)
-FIND_LINKS := $(if $(WHEELS),--find-links $(WHEELS),)
+TORCH_INDEX ?=
+FIND_LINKS := $(if $(WHEELS),--find-links $(WHEELS),) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 PIP := $(PY) -m pip install --disable-pip-version-check $(FIND_LINKS)
 
 .PHONY: setup demo test test-fast clean
@@ -22,6 +25,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: setup
+	rm -rf results/demo
 	$(VENV)/bin/kvbench run cache-vs-nocache --quick --out results/demo
 
 test: setup
