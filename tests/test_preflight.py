@@ -21,7 +21,7 @@ def test_human_bytes():
 def test_estimate_picks_the_largest_point(tiny):
     spec = from_dict({"name": "x", "strategies": ["dynamic"], "prompt_tokens": [16, 256], "batch_sizes": [1, 4],
                       "output_tokens": [8]})
-    e = estimate(tiny, spec, {p: p.prompt_tokens for p in spec.points()})
+    e = estimate(tiny, spec.points(), {p: p.prompt_tokens for p in spec.points()})
     assert (e.point.prompt_tokens, e.point.batch_size) == (256, 4)
     assert e.kv == 4 * (256 + 8) * kv_bytes_per_token(tiny)
     assert e.weights == tiny.weight_bytes

@@ -27,7 +27,7 @@ def test_run_writes_one_record_per_trial(tiny_suite, tmp_path, tiny):
     assert {r["prompt_tokens"] for r in measured} == {16, 32}
     assert all(r["output_tokens"] == 4 for r in measured)
     info = json.loads((tmp_path / "out" / "run.json").read_text())
-    assert info["spec"]["name"] == "tiny" and info["model"]["fingerprint"] == tiny.fingerprint
+    assert info["spec"]["name"] == "tiny" and info["models"]["synthetic:tiny"]["fingerprint"] == tiny.fingerprint
     assert {"python", "torch", "transformers", "kvbench", "device_name"} <= set(info["environment"])
 
 
@@ -107,3 +107,41 @@ def test_strategies_take_turns_within_a_shape(tiny_suite, tmp_path, tiny):
     measured = [r for r in read_records(tmp_path / "out" / "results.jsonl") if not r["warmup"]]
     order = [(r["strategy"], r["trial"]) for r in measured if r["target_prompt_tokens"] == 16]
     assert order == [("no_cache", 0), ("dynamic", 0), ("no_cache", 1), ("dynamic", 1)]
+
+
+def test_quality_is_measured_against_dynamic(tmp_path, tiny):
+    from kvbench.models import load_model
+
+    tiny.model.save_pretrained(tmp_path / "model")  # a local model dir counts as real weights
+    lm = load_model(str(tmp_path / "model"), device="cpu")
+    spec = load_suite(str(_write_suite(tmp_path, f"""
+name: quality
+model: {tmp_path / 'model'}
+workload: {{kind: synthetic}}
+strategies: [dynamic, {{name: h2o, window: 4}}, {{name: quantized, bits: 2, residual: 0, sink_tokens: 0}}]
+budgets: [24]
+baseline: dynamic
+quality: true
+prompt_tokens: [96]
+output_tokens: [8]
+trials: 1
+warmup: 0
+""")))
+    _run(spec, tmp_path / "out", lm)
+    records = {r["strategy_label"]: r for r in read_records(tmp_path / "out" / "results.jsonl")}
+    assert set(records) == {"dynamic", "h2o[budget=24,window=4]", "quantized[bits=2,residual=0,sink_tokens=0]"}
+    dynamic = records["dynamic"]
+    assert (dynamic["greedy_agreement"], dynamic["first_divergence"], dynamic["top1_agreement"]) == (1.0, None, 1.0)
+    assert dynamic["kl_mean"] == pytest.approx(0.0, abs=1e-6)
+    assert records["h2o[budget=24,window=4]"]["budget"] == 24
+    int2 = records["quantized[bits=2,residual=0,sink_tokens=0]"]
+    assert int2["bits"] == 2 and int2["kl_mean"] > 0
+    report = write_report(tmp_path / "out").read_text()
+    assert "Quality next to memory and speed" in report
+    assert (tmp_path / "out" / "figures" / "pareto.png").exists()
+
+
+def _write_suite(tmp_path, text):
+    path = tmp_path / "suite.yaml"
+    path.write_text(text)
+    return path

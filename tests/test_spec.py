@@ -17,7 +17,7 @@ def test_reference_suites_ship_and_load():
 
 
 def test_strategy_sweep_covers_every_registered_strategy():
-    assert set(load_suite("strategy-sweep").strategies) == set(STRATEGIES.names())
+    assert {s.name for s in load_suite("strategy-sweep").strategies} == set(STRATEGIES.names())
 
 
 def test_decode_micro_isolates_decode():
@@ -63,3 +63,40 @@ def test_digest_ignores_trial_count_but_not_axes():
     a = from_dict({"name": "x", "prompt_tokens": [8]})
     assert a.digest() == a.with_overrides(trials=10).digest()
     assert a.digest() != a.with_overrides(prompt_tokens=[16]).digest()
+
+
+def test_strategy_entries_with_parameters():
+    from kvbench.bench.spec import parse_strategy
+
+    assert parse_strategy("h2o:budget=0.25:window=8").label == "h2o[budget=0.25,window=8]"
+    assert parse_strategy({"name": "quantized", "bits": 4}).label == "quantized[bits=4]"
+    with pytest.raises(KvbenchError, match="bits 3 not supported"):
+        parse_strategy("quantized:bits=3")
+    with pytest.raises(KvbenchError, match="write name:key=value"):
+        parse_strategy("h2o:budget")
+
+
+def test_budgets_sweep_only_strategies_that_have_one():
+    spec = from_dict({"name": "x", "strategies": ["dynamic", "h2o", {"name": "sink", "budget": 64}],
+                      "budgets": [0.5, 0.25]})
+    assert [v.label for v in spec.variants()] == [
+        "dynamic", "h2o[budget=0.5]", "h2o[budget=0.25]", "sink[budget=64]"]
+
+
+def test_a_budget_a_strategy_rejects_fails_before_running():
+    with pytest.raises(KvbenchError, match="budget"):
+        from_dict({"name": "x", "strategies": ["h2o"], "budgets": [2.5]})
+
+
+def test_model_axis_names_models_in_keys():
+    spec = from_dict({"name": "x", "models": ["synthetic:tiny", "synthetic:135m"], "prompt_tokens": [8]})
+    assert [p.key for p in spec.points()] == ["synthetic:tiny/dynamic/p8/o32/b1", "synthetic:135m/dynamic/p8/o32/b1"]
+    assert [p.key for p in from_dict({"name": "x", "prompt_tokens": [8]}).points()] == ["dynamic/p8/o32/b1"]
+
+
+def test_spec_round_trips_through_its_dict():
+    from kvbench.bench.spec import to_dict
+
+    for name in suite_names():
+        spec = load_suite(name)
+        assert from_dict(to_dict(spec)) == spec

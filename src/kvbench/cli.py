@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="sanity generation with timings")
     g.add_argument("prompt")
     model_args(g, EMBEDDED)
-    g.add_argument("--strategy", default="dynamic", help=f"one of {', '.join(STRATEGIES.names())}")
+    g.add_argument("--strategy", default="dynamic",
+                   help=f"one of {', '.join(STRATEGIES.names())}, with parameters as name:key=value (e.g. h2o:budget=0.25)")
     g.add_argument("--max-new-tokens", type=int, default=gen.max_new_tokens)
     g.add_argument("--temperature", type=float, default=sampling.temperature, help="0 is greedy")
     g.add_argument("--top-k", type=int, default=sampling.top_k)
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quick", action="store_true", help="the suite's small version (under 2 minutes on a laptop CPU)")
     r.add_argument("--trials", type=int)
     r.add_argument("--warmup", type=int)
-    r.add_argument("--strategies", help="comma-separated, replaces the suite's list")
+    r.add_argument("--strategies", help="comma-separated, replaces the suite's list (name or name:key=value:...)")
     r.add_argument("--out", type=Path, help="output dir (default results/SUITE)")
     r.add_argument("--resume", action="store_true", help="skip trials already in OUT/results.jsonl")
     r.add_argument("--repair", action="store_true", help="drop corrupt lines of OUT/results.jsonl first")
@@ -111,14 +112,18 @@ def cmd_env(args) -> int:
 
 
 def cmd_list(args) -> int:
+    import dataclasses
+
     from kvbench.bench.spec import load_suite, suite_names
     from kvbench.models import known_models
     from kvbench.strategies import STRATEGIES
 
     print("models:     " + ", ".join(known_models()) + " (or a local dir, a .gguf file, a hub id)")
-    print("strategies:")
+    print("strategies (parameters with their defaults):")
     for name in STRATEGIES.names():
-        print(f"  {name:<12} {STRATEGIES.get(name).summary}")
+        cls = STRATEGIES.get(name)
+        params = " ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls))
+        print(f"  {name:<12} {cls.summary}" + (f"\n  {'':<12} {params}" if params else ""))
     print("suites:")
     for name in suite_names():
         print(f"  {name:<18} {' '.join(load_suite(name).description.split())}")
@@ -130,9 +135,9 @@ def cmd_generate(args) -> int:
     from kvbench.bench.preflight import human_bytes
     from kvbench.engine import GenerationConfig, SamplingConfig, generate
     from kvbench.models import load_model
-    from kvbench.strategies import build_strategy
+    from kvbench.bench.spec import parse_strategy
 
-    strategy = build_strategy(args.strategy)
+    strategy = parse_strategy(args.strategy).build()
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         sampling=SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed),
@@ -143,7 +148,7 @@ def cmd_generate(args) -> int:
     result = generate(lm, strategy, [prompt], config)
     timing = request_timing(result.step_times_s)
     print(lm.decode(result.tokens[0]))
-    print(f"\n[{lm.name} | {args.strategy} | {lm.device} {str(lm.dtype).removeprefix('torch.')}] "
+    print(f"\n[{lm.name} | {parse_strategy(args.strategy).label} | {lm.device} {str(lm.dtype).removeprefix('torch.')}] "
           f"prompt {len(prompt)} tokens, output {len(result.tokens[0])} tokens")
     tpot = "–" if timing.tpot_ms is None else f"{timing.tpot_ms:.1f} ms"
     tps = "–" if timing.decode_tokens_per_s is None else f"{timing.decode_tokens_per_s:.1f}"
@@ -162,7 +167,8 @@ def cmd_run(args) -> int:
     from kvbench.bench.spec import load_suite
 
     spec = load_suite(args.suite).resolved(args.quick).with_overrides(
-        model=args.model, device=args.device, dtype=args.dtype, trials=args.trials, warmup=args.warmup,
+        model=args.model, models=() if args.model else None, device=args.device, dtype=args.dtype,
+        trials=args.trials, warmup=args.warmup,
         strategies=[s.strip() for s in args.strategies.split(",") if s.strip()] if args.strategies else None,
     )
     if args.dry_run:

@@ -56,6 +56,11 @@ class LoadedModel:
         return self.model.config
 
     @property
+    def is_synthetic(self) -> bool:
+        """Random weights: timing and memory are real, output quality is meaningless."""
+        return self.name.startswith("synthetic:")
+
+    @property
     def context_window(self) -> int:
         return int(self.config.max_position_embeddings)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from kvbench.bench.spec import Point, SuiteSpec
+from kvbench.bench.spec import Point
 from kvbench.errors import KvbenchError
 from kvbench.models import LoadedModel
 
@@ -56,11 +56,11 @@ class Estimate:
         return self.weights + self.kv + self.activations
 
 
-def estimate(lm: LoadedModel, spec: SuiteSpec, prompt_tokens: dict[Point, int]) -> Estimate:
-    """The largest estimate over the suite's points (`prompt_tokens` gives each point's real length)."""
+def estimate(lm: LoadedModel, points: list[Point], prompt_tokens: dict[Point, int]) -> Estimate:
+    """The largest estimate over the points of one model (`prompt_tokens` gives each point's real length)."""
     cfg, size = lm.config, lm.dtype.itemsize
     worst = None
-    for point in spec.points():
+    for point in points:
         tokens = prompt_tokens[point] + point.output_tokens
         kv = point.batch_size * tokens * kv_bytes_per_token(lm)
         hidden = point.batch_size * tokens * (4 * cfg.hidden_size + 2 * cfg.intermediate_size) * size

@@ -6,6 +6,7 @@ records. The report reads only the records.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import time
@@ -15,15 +16,15 @@ from pathlib import Path
 from tqdm import tqdm
 
 from kvbench.bench import preflight
+from kvbench.bench.assess import Assessor
 from kvbench.bench.environment import describe
 from kvbench.bench.metrics import request_timing
 from kvbench.bench.records import RESULTS, RUN_INFO, ResultsWriter, atomic_write_text, read_records, repair
 from kvbench.bench.spec import Point, SuiteSpec, to_dict
-from kvbench.bench.workloads import build_prompts
+from kvbench.bench.workloads import Prompt, build_prompts
 from kvbench.engine import GenerationConfig, GenerationResult, generate
 from kvbench.errors import KvbenchError
 from kvbench.models import LoadedModel, load_model
-from kvbench.strategies import build_strategy
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ def prepare_out_dir(out: Path) -> Path:
 
 
 def run_suite(spec: SuiteSpec, options: RunOptions, lm: LoadedModel | None = None) -> RunOutcome:
+    """Measure every point not yet in OUT/results.jsonl. `lm`, when given, serves its own model spec."""
     out = prepare_out_dir(options.out)
     results_path = out / RESULTS
     if options.repair and results_path.exists():
@@ -67,49 +69,71 @@ def run_suite(spec: SuiteSpec, options: RunOptions, lm: LoadedModel | None = Non
         existing = read_records(results_path)
         _check_same_sweep(out, spec)
 
-    lm = lm or load_model(spec.model, spec.device, spec.dtype)
-    prompts = {p: _prompts_for(spec, lm, p) for p in spec.points()}
-    worst = preflight.estimate(lm, spec, {p: max(len(x) for x in prompts[p]) for p in prompts})
-    preflight.check(worst, options.memory_limit or preflight.default_limit(lm))
-
-    notes = sorted({n for s in spec.strategies for n in build_strategy(s).notes(lm.device)})
-    _write_run_info(out, spec, lm, worst, notes)
+    notes = sorted({n for s in spec.variants() for n in s.build().notes(_device_hint(lm, spec))})
+    info = _run_info(spec, notes)
+    if existing and (out / RUN_INFO).exists():  # keep what earlier, resumed runs learnt about their models
+        info["models"] = json.loads((out / RUN_INFO).read_text()).get("models", {})
     done = {(r.get("point"), r.get("trial")) for r in existing if not r.get("warmup")}
     todo = [(p, t) for p in spec.points() for t in range(spec.trials) if (p.key, t) not in done]
-    skipped = spec.trials * len(spec.points()) - len(todo)
     bar = tqdm(total=len(todo), desc=spec.name, unit="trial", disable=not options.progress)
     with ResultsWriter(results_path) as writer:
-        for shape in _shapes(spec.points()):
-            # Strategies of one shape take turns trial by trial, so drift of the machine (heat, other
-            # load) spreads over all of them instead of biasing whichever ran last.
-            pending = {p: [t for q, t in todo if q == p] for p in shape}
-            pending = {p: ts for p, ts in pending.items() if ts}
-            runs = {p: _PointRun(spec, lm, p, prompts[p]) for p in pending}
-            for point, run in runs.items():
-                bar.set_postfix_str(f"warmup {point.key}")
-                for w in range(spec.warmup):
-                    writer.append(run.measure(w, warmup=True))
-            for trial in range(spec.trials):
-                for point, run in runs.items():
-                    if trial in pending[point]:
-                        bar.set_postfix_str(point.key)
-                        writer.append(run.measure(trial, warmup=False))
-                        bar.update()
+        for model_name in spec.model_names():
+            points = [p for p in spec.points() if p.model == model_name]
+            if not any(p == q for q, _ in todo for p in points):
+                continue
+            model = lm if lm is not None and lm.name == model_name else load_model(model_name, spec.device, spec.dtype)
+            prompts = {p: _prompts_for(spec, model, p) for p in points}
+            worst = preflight.estimate(model, points, {p: max(len(x.ids) for x in prompts[p]) for p in points})
+            preflight.check(worst, options.memory_limit or preflight.default_limit(model))
+            info["models"][model_name] = _model_info(model, worst)
+            atomic_write_text(out / RUN_INFO, json.dumps(info, indent=2) + "\n")
+            _measure_model(spec, model, points, prompts, todo, writer, bar)
+            del model
+            gc.collect()
     bar.close()
+    skipped = spec.trials * len(spec.points()) - len(todo)
     return RunOutcome(out, len(todo), skipped, tuple(notes))
+
+
+def _measure_model(spec, lm, points, prompts, todo, writer, bar) -> None:
+    assessor = Assessor(lm) if spec.quality and not lm.is_synthetic else None
+    for shape in _shapes(points):
+        # Strategies of one shape take turns trial by trial, so drift of the machine (heat, other
+        # load) spreads over all of them instead of biasing whichever ran last.
+        pending = {p: [t for q, t in todo if q == p] for p in shape}
+        runs = {p: _PointRun(spec, lm, p, prompts[p], assessor) for p, ts in pending.items() if ts}
+        for point, run in runs.items():
+            bar.set_postfix_str(f"warmup {point.key}")
+            for w in range(spec.warmup):
+                writer.append(run.measure(w, warmup=True))
+        for trial in range(spec.trials):
+            for point, run in runs.items():
+                if trial in pending[point]:
+                    bar.set_postfix_str(point.key)
+                    writer.append(run.measure(trial, warmup=False))
+                    bar.update()
 
 
 class _PointRun:
     """Everything needed to measure one point again and again."""
 
-    def __init__(self, spec: SuiteSpec, lm: LoadedModel, point: Point, prompts: list[list[int]]):
-        self.spec, self.lm, self.point, self.prompts = spec, lm, point, prompts
-        self.strategy = build_strategy(point.strategy)
+    def __init__(self, spec: SuiteSpec, lm: LoadedModel, point: Point, prompts: list[Prompt], assessor: Assessor | None):
+        self.spec, self.lm, self.point, self.prompts, self.assessor = spec, lm, point, prompts, assessor
+        self.strategy = point.strategy.build()
         self.config = GenerationConfig(max_new_tokens=point.output_tokens, stop_at_eos=not spec.ignore_eos)
 
     def measure(self, trial: int, warmup: bool) -> dict:
-        result = generate(self.lm, self.strategy, _batch(self.prompts, self.point.batch_size, trial), self.config)
-        return _record(self.spec, self.lm, self.point, trial, result, warmup)
+        batch = _batch(self.prompts, self.point.batch_size, trial)
+        result = generate(self.lm, self.strategy, [p.ids for p in batch], self.config)
+        record = _record(self.spec, self.lm, self.point, self.strategy, trial, result, warmup)
+        first = batch[0]
+        if first.task is not None:
+            record.update(task=first.task, depth=first.depth,
+                          accuracy=sum(p.score(self.lm.decode(t)) for p, t in zip(batch, result.tokens)) / len(batch))
+        if self.assessor is not None and not warmup:  # untimed: after the measurement
+            record.update(self.assessor.greedy(first, self.config, result.tokens[0]))
+            record.update(self.assessor.distribution(self.point.strategy.label, self.strategy, first, self.config))
+        return record
 
 
 def _shapes(points: list[Point]) -> list[list[Point]]:
@@ -120,24 +144,30 @@ def _shapes(points: list[Point]) -> list[list[Point]]:
     return list(groups.values())
 
 
-def _prompts_for(spec: SuiteSpec, lm: LoadedModel, point: Point) -> list[list[int]]:
-    """The distinct prompts of a point: one per batch row, times the text prompts when given as written."""
-    unique = len(spec.workload.prompts) if spec.workload.kind == "text" and point.prompt_tokens is None else 1
-    return build_prompts(spec.workload, lm, point.prompt_tokens, point.batch_size * unique)
+def _prompts_for(spec: SuiteSpec, lm: LoadedModel, point: Point) -> list[Prompt]:
+    """The distinct prompts of a point: one per batch row, times the workload's distinct prompts."""
+    as_written = spec.workload.kind == "text" and point.prompt_tokens is None
+    count = point.batch_size * (len(spec.workload.prompts) if as_written else spec.workload.distinct_prompts)
+    continuation = point.output_tokens if spec.quality else 0
+    return build_prompts(spec.workload, lm, point.prompt_tokens, count, continuation)
 
 
-def _batch(prompts: list[list[int]], batch_size: int, trial: int) -> list[list[int]]:
+def _batch(prompts: list[Prompt], batch_size: int, trial: int) -> list[Prompt]:
     """Trial t takes the next `batch_size` prompts, cycling: N trials over a few unique prompts."""
     return [prompts[(trial * batch_size + i) % len(prompts)] for i in range(batch_size)]
 
 
-def _record(spec: SuiteSpec, lm: LoadedModel, point: Point, trial: int, result: GenerationResult, warmup: bool) -> dict:
+def _record(spec, lm, point, strategy, trial: int, result: GenerationResult, warmup: bool) -> dict:
     timing = request_timing(result.step_times_s, result.batch_size)
     digest = hashlib.blake2b(json.dumps(result.tokens).encode(), digest_size=8).hexdigest()
     return {
         "suite": spec.name,
         "point": point.key,
-        "strategy": point.strategy,
+        "strategy": point.strategy.name,
+        "strategy_label": point.strategy.label,
+        "params": dict(point.strategy.params),
+        "budget": getattr(strategy, "budget", None),
+        "bits": getattr(strategy, "bits", None),
         "model": lm.name,
         "model_fingerprint": lm.fingerprint,
         "device": str(lm.device),
@@ -146,6 +176,7 @@ def _record(spec: SuiteSpec, lm: LoadedModel, point: Point, trial: int, result: 
         "trial": trial,
         "warmup": warmup,
         "prompt_tokens": max(result.prompt_lengths),
+        "context_tokens": max(result.prompt_lengths),
         "target_prompt_tokens": point.prompt_tokens,
         "max_new_tokens": point.output_tokens,
         "output_tokens": result.output_tokens,
@@ -161,6 +192,12 @@ def _record(spec: SuiteSpec, lm: LoadedModel, point: Point, trial: int, result: 
     }
 
 
+def _device_hint(lm: LoadedModel | None, spec: SuiteSpec):
+    from kvbench.device import resolve_device
+
+    return lm.device if lm is not None else resolve_device(spec.device)
+
+
 def _check_same_sweep(out: Path, spec: SuiteSpec) -> None:
     info_path = out / RUN_INFO
     if not info_path.exists():
@@ -173,16 +210,23 @@ def _check_same_sweep(out: Path, spec: SuiteSpec) -> None:
         )
 
 
-def _write_run_info(out: Path, spec: SuiteSpec, lm: LoadedModel, worst: preflight.Estimate, notes: list[str]) -> None:
-    info = {
+def _run_info(spec: SuiteSpec, notes: list[str]) -> dict:
+    from kvbench.device import resolve_device
+
+    return {
         "suite": spec.name,
         "spec": to_dict(spec),
         "spec_digest": spec.digest(),
-        "model": {"name": lm.name, "fingerprint": lm.fingerprint, "dtype": str(lm.dtype).removeprefix("torch."),
-                  "weight_bytes": lm.weight_bytes, "context_window": lm.context_window},
-        "environment": describe(lm.device),
-        "preflight": {"largest_point": worst.point.key, "estimated_bytes": worst.total},
+        "environment": describe(resolve_device(spec.device)),
+        "models": {},
         "notes": notes,
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    atomic_write_text(out / RUN_INFO, json.dumps(info, indent=2) + "\n")
+
+
+def _model_info(lm: LoadedModel, worst: preflight.Estimate) -> dict:
+    return {
+        "fingerprint": lm.fingerprint, "dtype": str(lm.dtype).removeprefix("torch."), "weight_bytes": lm.weight_bytes,
+        "context_window": lm.context_window,
+        "preflight": {"largest_point": worst.point.key, "estimated_bytes": worst.total},
+    }

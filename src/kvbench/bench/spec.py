@@ -19,21 +19,65 @@ import yaml
 from kvbench.bench.workloads import WorkloadSpec
 from kvbench.errors import KvbenchError
 from kvbench.models import EMBEDDED
-from kvbench.strategies import STRATEGIES
+from kvbench.strategies import STRATEGIES, build_strategy
+
+
+@dataclass(frozen=True)
+class StrategyRef:
+    """A strategy name with the hyperparameters a suite sets for it."""
+
+    name: str
+    params: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def label(self) -> str:
+        if not self.params:
+            return self.name
+        return f"{self.name}[{','.join(f'{k}={v}' for k, v in self.params)}]"
+
+    def build(self):
+        return build_strategy(self.name, **dict(self.params))
+
+
+def parse_strategy(entry: Any) -> StrategyRef:
+    """`name`, `name:key=value:key=value` (CLI) or `{name: ..., key: value}` (YAML)."""
+    if isinstance(entry, StrategyRef):
+        return entry
+    if isinstance(entry, dict):
+        params = {k: v for k, v in entry.items() if k != "name"}
+        if "name" not in entry:
+            raise KvbenchError(f"strategy entry {entry} needs a name")
+        ref = StrategyRef(entry["name"], tuple(sorted(params.items())))
+    elif isinstance(entry, str):
+        name, *pairs = entry.split(":")
+        params = {}
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep:
+                raise KvbenchError(f"cannot read {pair!r} in strategy {entry!r}; write name:key=value")
+            params[key] = yaml.safe_load(value)
+        ref = StrategyRef(name, tuple(sorted(params.items())))
+    else:
+        raise KvbenchError(f"cannot read strategy entry {entry!r}")
+    ref.build()  # validates name and parameters now, with the valid values in the message
+    return ref
 
 
 @dataclass(frozen=True)
 class Point:
     """One measured configuration of a sweep."""
 
-    strategy: str
+    model: str
+    strategy: StrategyRef
     prompt_tokens: int | None  # None: text prompts as written
     output_tokens: int
     batch_size: int
+    model_in_key: bool = False  # only sweeps over several models name the model in each key
 
     @property
     def key(self) -> str:
-        return f"{self.strategy}/p{self.prompt_tokens or 'text'}/o{self.output_tokens}/b{self.batch_size}"
+        key = f"{self.strategy.label}/p{self.prompt_tokens or 'text'}/o{self.output_tokens}/b{self.batch_size}"
+        return f"{self.model}/{key}" if self.model_in_key else key
 
 
 @dataclass(frozen=True)
@@ -41,10 +85,12 @@ class SuiteSpec:
     name: str
     description: str = ""
     model: str = EMBEDDED
+    models: tuple[str, ...] = ()  # a model-size axis; when set it replaces `model`
     device: str = "auto"
     dtype: str = "auto"
     workload: WorkloadSpec = field(default_factory=WorkloadSpec)
-    strategies: tuple[str, ...] = ("dynamic",)
+    strategies: tuple[StrategyRef, ...] = (StrategyRef("dynamic"),)
+    budgets: tuple[float | int, ...] = ()  # swept for every strategy with a `budget` it does not fix itself
     prompt_tokens: tuple[int | None, ...] = (None,)
     output_tokens: tuple[int, ...] = (32,)
     batch_sizes: tuple[int, ...] = (1,)
@@ -52,15 +98,15 @@ class SuiteSpec:
     warmup: int = 1
     ignore_eos: bool = True  # fixed-length outputs, so every strategy does the same work
     baseline: str | None = None  # strategy the report computes speedups against
+    quality: bool = False  # also measure output quality against `dynamic` (untimed)
     quick: dict = field(default_factory=dict, compare=False)  # overrides applied by --quick
 
     def __post_init__(self):
-        for name in self.strategies:
-            STRATEGIES.get(name)  # raises with the valid names
         if not self.strategies:
             raise KvbenchError(f"suite {self.name!r} lists no strategies")
-        if self.baseline is not None and self.baseline not in self.strategies:
-            raise KvbenchError(f"baseline {self.baseline!r} is not among the suite's strategies {list(self.strategies)}")
+        labels = [s.label for s in self.variants()]
+        if self.baseline is not None and self.baseline not in labels:
+            raise KvbenchError(f"baseline {self.baseline!r} is not among the suite's strategies {labels}")
         _require_positive("output_tokens", self.output_tokens)
         _require_positive("batch_sizes", self.batch_sizes)
         _require_positive("prompt_tokens", [p for p in self.prompt_tokens if p is not None])
@@ -69,13 +115,32 @@ class SuiteSpec:
         if self.warmup < 0:
             raise KvbenchError(f"warmup must be >= 0, got {self.warmup}")
 
+    def variants(self) -> list[StrategyRef]:
+        """The strategies to measure: each entry, times every budget when it has one to sweep."""
+        out = []
+        for ref in self.strategies:
+            sweeps_budget = "budget" in {f.name for f in dataclasses.fields(STRATEGIES.get(ref.name))}
+            if self.budgets and sweeps_budget and "budget" not in dict(ref.params):
+                out += [StrategyRef(ref.name, tuple(sorted({**dict(ref.params), "budget": b}.items())))
+                        for b in self.budgets]
+            else:
+                out.append(ref)
+        for ref in out:
+            ref.build()  # a budget that this strategy rejects fails here, before anything runs
+        return out
+
+    def model_names(self) -> tuple[str, ...]:
+        return self.models or (self.model,)
+
     def points(self) -> list[Point]:
+        variants, models = self.variants(), self.model_names()
         return [
-            Point(s, p, o, b)
+            Point(m, s, p, o, b, model_in_key=len(models) > 1)
+            for m in models
             for p in self.prompt_tokens
             for o in self.output_tokens
             for b in self.batch_sizes
-            for s in self.strategies
+            for s in variants
         ]
 
     def with_overrides(self, **overrides: Any) -> SuiteSpec:
@@ -101,10 +166,13 @@ def _require_positive(name: str, values) -> None:
 
 
 def to_dict(spec: SuiteSpec) -> dict:
-    d = dataclasses.asdict(spec)
+    d = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
+    d["workload"] = dataclasses.asdict(spec.workload)
     d["workload"]["prompts"] = list(d["workload"]["prompts"])
-    for key in ("strategies", "prompt_tokens", "output_tokens", "batch_sizes"):
+    d["strategies"] = [s.name if not s.params else {"name": s.name, **dict(s.params)} for s in spec.strategies]
+    for key in ("models", "prompt_tokens", "output_tokens", "batch_sizes", "budgets"):
         d[key] = list(d[key])
+    d["quick"] = dict(spec.quick)
     return d
 
 
@@ -123,15 +191,18 @@ def from_dict(data: dict) -> SuiteSpec:
             raise KvbenchError(
                 f"unknown workload key(s) {', '.join(sorted(set(workload) - wvalid))}; valid: {', '.join(sorted(wvalid))}"
             )
-        if "prompts" in workload:
-            workload = {**workload, "prompts": tuple(workload["prompts"])}
+        for key in ("prompts", "tasks", "depths"):
+            if key in workload:
+                workload = {**workload, key: tuple(workload[key])}
         data["workload"] = WorkloadSpec(**workload)
     if data.get("strategies") in ("all", ["all"]):
         data["strategies"] = STRATEGIES.names()
-    for key in ("strategies", "prompt_tokens", "output_tokens", "batch_sizes"):
+    for key in ("models", "strategies", "prompt_tokens", "output_tokens", "batch_sizes", "budgets"):
         if key in data:
             value = data[key]
             data[key] = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    if "strategies" in data:
+        data["strategies"] = tuple(parse_strategy(s) for s in data["strategies"])
     return SuiteSpec(**data)
 
 

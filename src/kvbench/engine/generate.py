@@ -94,7 +94,9 @@ def generate(
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     padded = bool((mask == 0).any())
     batch = len(prompts)
-    cache = strategy.make_cache(lm, batch, ids.shape[1] + config.max_new_tokens)
+    if batch > 1 and not strategy.capabilities.supports_batching:
+        raise KvbenchError(f"strategy {strategy.name!r} does not support batches yet; use batch size 1")
+    cache = strategy.make_cache(lm, batch, ids.shape[1], config.max_new_tokens)
     uses_cache = strategy.capabilities.uses_cache
     sampler = Sampler(config.sampling, device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -112,7 +114,7 @@ def generate(
         )
         return out.logits[:, -1]
 
-    with PhaseMemory(device) as memory:
+    with strategy.attach(lm, cache), PhaseMemory(device) as memory:
         memory.phase("prefill")
         start = clock(device)
         next_tokens = sampler(forward(ids, positions))

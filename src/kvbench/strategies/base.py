@@ -6,6 +6,7 @@ The engine never switches on concrete strategy classes; it asks `capabilities` a
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -33,9 +34,13 @@ class CacheStrategy:
     summary: ClassVar[str]
     capabilities: ClassVar[Capabilities] = Capabilities()
 
-    def make_cache(self, lm: LoadedModel, batch_size: int, max_len: int) -> Cache | None:
-        """A fresh cache for one generation of `batch_size` rows and at most `max_len` tokens per row."""
+    def make_cache(self, lm: LoadedModel, batch_size: int, prompt_tokens: int, max_new_tokens: int) -> Cache | None:
+        """A fresh cache for one generation: `batch_size` rows of `prompt_tokens` (padded) plus new tokens."""
         raise NotImplementedError
+
+    def attach(self, lm: LoadedModel, cache: Cache | None) -> AbstractContextManager:
+        """Hooks the strategy needs on the model during one generation; removed when the context exits."""
+        return nullcontext()
 
     def kv_bytes(self, cache: Cache | None) -> int:
         """Exact bytes the cache holds: every key/value tensor of every layer (allocated, not just used)."""

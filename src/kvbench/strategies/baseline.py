@@ -17,7 +17,7 @@ class NoCache(CacheStrategy):
     summary = "no KV cache: every step recomputes attention over the whole sequence (use_cache=False)"
     capabilities = Capabilities(uses_cache=False)
 
-    def make_cache(self, lm, batch_size, max_len):
+    def make_cache(self, lm, batch_size, prompt_tokens, max_new_tokens):
         return None
 
 
@@ -27,7 +27,7 @@ class Dynamic(CacheStrategy):
     name = "dynamic"
     summary = "transformers DynamicCache: grows by concatenation every step"
 
-    def make_cache(self, lm, batch_size, max_len):
+    def make_cache(self, lm, batch_size, prompt_tokens, max_new_tokens):
         return DynamicCache(config=lm.config)
 
 
@@ -37,5 +37,5 @@ class Static(CacheStrategy):
     name = "static"
     summary = "transformers StaticCache preallocated to prompt + max_new_tokens, updated in place"
 
-    def make_cache(self, lm, batch_size, max_len):
-        return StaticCache(config=lm.config, max_cache_len=max_len)
+    def make_cache(self, lm, batch_size, prompt_tokens, max_new_tokens):
+        return StaticCache(config=lm.config, max_cache_len=prompt_tokens + max_new_tokens)

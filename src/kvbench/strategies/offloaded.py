@@ -35,7 +35,7 @@ class Offloaded(CacheStrategy):
     name = "offloaded"
     summary = "KV stored on the CPU, moved to the compute device per layer (transformers offloading on CUDA)"
 
-    def make_cache(self, lm, batch_size, max_len):
+    def make_cache(self, lm, batch_size, prompt_tokens, max_new_tokens):
         if lm.device.type == "cuda":
             return DynamicCache(config=lm.config, offloading=True)
         return Cache(layers=[HostOffloadedLayer() for _ in range(lm.config.num_hidden_layers)])

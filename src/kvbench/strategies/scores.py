@@ -1,0 +1,92 @@
+"""Attention probabilities of the current queries over the cached keys, from a hook on each attention layer.
+
+As kvpress does, nothing in the model is edited: a forward hook on every attention module (scoped by
+`attention_hooks`, removed in `finally`) sees the layer input and the rotary embeddings, recomputes
+the queries with the layer's own q_proj and RoPE, and scores them against the keys the cache holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+from kvbench.errors import KvbenchError
+
+ScoreObserver = Callable[[torch.nn.Module, torch.Tensor, tuple[torch.Tensor, torch.Tensor], object], None]
+
+
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The self-attention modules of a decoder, in layer order; refuses models it cannot score."""
+    found = [m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "layer_idx") and hasattr(m, "head_dim")]
+    if not found:
+        raise KvbenchError(
+            f"{type(model).__name__} has no Llama-style attention layers (q_proj, layer_idx, head_dim) to score; "
+            "attention-score strategies cannot work with it"
+        )
+    return sorted(found, key=lambda m: m.layer_idx)
+
+
+@contextmanager
+def attention_hooks(model: torch.nn.Module, observe: ScoreObserver) -> Iterator[None]:
+    """Call `observe(module, hidden_states, position_embeddings, cache)` after each attention layer runs."""
+
+    def hook(module, args, kwargs, output):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        rope = kwargs.get("position_embeddings")
+        cache = kwargs.get("past_key_values")
+        if rope is None:
+            raise KvbenchError(f"{type(module).__name__} gets no rotary position embeddings; cannot score attention")
+        if cache is not None:
+            observe(module, hidden, rope, cache)
+
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in attention_modules(model)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def queries(module: torch.nn.Module, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotated queries [batch, heads, q_len, head_dim], as the layer computed them."""
+    batch, q_len, _ = hidden.shape
+    q = module.q_proj(hidden).view(batch, q_len, -1, module.head_dim).transpose(1, 2)
+    cos, sin = (t.unsqueeze(1) for t in rope)
+    return q * cos + _rotate_half(q) * sin
+
+
+def attention_mass(
+    module: torch.nn.Module, hidden: torch.Tensor, rope, keys: torch.Tensor, last_queries: int | None = None,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """Attention each cached key receives, summed over this step's queries: [batch, kv_heads, kv_len].
+
+    keys: [batch, kv_heads, kv_len, head_dim], the cache after this step's update; the step's queries
+    are its last q_len positions (causal among themselves). `last_queries` keeps only the final ones
+    (an observation window). Probabilities are averaged over the query heads that share a KV head,
+    and computed `chunk` queries at a time so a long prefill never holds the whole score matrix.
+    """
+    q = queries(module, hidden, rope)
+    if last_queries is not None:
+        q = q[:, :, -last_queries:]
+    batch, heads, q_len, dim = q.shape
+    kv_heads, kv_len = keys.shape[1], keys.shape[2]
+    q = q.view(batch, kv_heads, heads // kv_heads, q_len, dim)
+    scale = getattr(module, "scaling", dim ** -0.5)
+    first_query_pos = kv_len - q_len  # the queries sit at the end of the cached sequence
+    mass = torch.zeros(batch, kv_heads, kv_len, device=keys.device, dtype=torch.float32)
+    key_pos = torch.arange(kv_len, device=keys.device)
+    for start in range(0, q_len, chunk):
+        qc = q[:, :, :, start:start + chunk]
+        scores = torch.einsum("bhgqd,bhkd->bhgqk", qc.float(), keys.float()) * scale
+        q_pos = first_query_pos + start + torch.arange(qc.shape[3], device=keys.device)
+        scores = scores.masked_fill(key_pos[None, :] > q_pos[:, None], float("-inf"))
+        mass += scores.softmax(dim=-1).mean(dim=2).sum(dim=2)
+    return mass
