@@ -148,7 +148,8 @@ def _accuracy_heatmaps(accuracy, path):
     labels = list(accuracy)
     cols = min(4, len(labels))
     rows = (len(labels) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 3.4 * rows), squeeze=False)
+    fig.subplots_adjust(hspace=0.55, wspace=0.45)
     for ax in axes.flat[len(labels):]:
         ax.axis("off")
     for ax, label in zip(axes.flat, labels):
