@@ -202,3 +202,39 @@ def test_bad_quantization_settings(kwargs, message):
 def test_group_size_must_fit_head_dim(tiny):
     with pytest.raises(KvbenchError, match="does not divide head_dim 16"):
         generate(tiny, build_strategy("quantized", group_size=12), PROMPT, GREEDY)
+
+
+# --- speculative fetch ----------------------------------------------------------------------------
+
+def test_speculative_fetch_with_full_budget_equals_dynamic(tiny):
+    reference = generate(tiny, build_strategy("dynamic"), PROMPT, GREEDY)
+    assert generate(tiny, build_strategy("speculative_fetch", budget=1.0), PROMPT, GREEDY).tokens == reference.tokens
+
+
+def test_speculative_fetch_attends_over_the_fetched_tokens_only(tiny):
+    from kvbench.strategies.speculative import SpeculativeLayer
+
+    layer = SpeculativeLayer(budget=24, window=4, partial_channels=4, offload=torch.device("cpu"))
+    k, v = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
+    assert layer.update(k, v)[0].shape[2] == 40  # prefill: everything
+    layer.query = torch.randn(1, 4, 1, 16)
+    new_k, new_v = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16)
+    out_k, out_v = layer.update(new_k, new_v)
+    assert out_k.shape[2] == 24
+    assert layer.get_mask_sizes(1) == (24, 0)  # the next step's attention length, as the mask must see it
+    assert layer.get_seq_length() == 41  # nothing is dropped: it all stays on the offload side
+    assert torch.equal(out_k[:, :, -1:], new_k)  # the recent window comes along
+    full = torch.cat([k, new_k], dim=2)
+    for head in range(2):  # every fetched key is a stored key, in order
+        rows = (out_k[0, head][:, None, :] == full[0, head][None, :, :]).all(-1).nonzero()[:, 1].tolist()
+        assert len(rows) == 24 and rows == sorted(rows)
+
+
+def test_speculative_fetch_generates_and_keeps_every_token(tiny):
+    prompt = [list(range(20, 276))]
+    reference = generate(tiny, build_strategy("dynamic"), prompt, GREEDY)
+    result = generate(tiny, build_strategy("speculative_fetch", budget=0.25), prompt, GREEDY)
+    assert len(result.tokens[0]) == 12
+    assert result.kv_cache_bytes > reference.kv_cache_bytes  # full KV offloaded plus the partial keys
+    assert all(not m._forward_pre_hooks for m in attention_modules(tiny.model))
+    assert "functional check" in build_strategy("speculative_fetch").notes(torch.device("cpu"))[0]

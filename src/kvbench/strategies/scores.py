@@ -29,10 +29,10 @@ def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 @contextmanager
-def attention_hooks(model: torch.nn.Module, observe: ScoreObserver) -> Iterator[None]:
-    """Call `observe(module, hidden_states, position_embeddings, cache)` after each attention layer runs."""
+def attention_hooks(model: torch.nn.Module, observe: ScoreObserver, before: bool = False) -> Iterator[None]:
+    """Call `observe(module, hidden_states, position_embeddings, cache)` after (or before) each attention layer."""
 
-    def hook(module, args, kwargs, output):
+    def hook(module, args, kwargs, output=None):
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         rope = kwargs.get("position_embeddings")
         cache = kwargs.get("past_key_values")
@@ -41,7 +41,11 @@ def attention_hooks(model: torch.nn.Module, observe: ScoreObserver) -> Iterator[
         if cache is not None:
             observe(module, hidden, rope, cache)
 
-    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in attention_modules(model)]
+    modules = attention_modules(model)
+    if before:
+        handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
+    else:
+        handles = [m.register_forward_hook(hook, with_kwargs=True) for m in modules]
     try:
         yield
     finally:
