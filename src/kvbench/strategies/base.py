@@ -43,15 +43,23 @@ class CacheStrategy:
         return nullcontext()
 
     def kv_bytes(self, cache: Cache | None) -> int:
-        """Exact bytes the cache holds: every key/value tensor of every layer (allocated, not just used)."""
+        """Exact bytes the cache holds: every tensor of every layer (allocated, not just used).
+
+        Layers that store more than keys and values (quantized codes and scales, partial keys) count
+        their own storage with an `nbytes()` method.
+        """
         if cache is None:
             return 0
-        return sum(_tensor_bytes(getattr(layer, attr, None)) for layer in cache.layers for attr in ("keys", "values"))
+        return sum(
+            layer.nbytes() if hasattr(layer, "nbytes") else tensor_bytes(layer.keys, layer.values)
+            for layer in cache.layers
+        )
 
     def notes(self, device: torch.device) -> list[str]:
         """Plain-language caveats for this device (printed and stored with the run)."""
         return []
 
 
-def _tensor_bytes(t) -> int:
-    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+def tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    """Bytes held by the given tensors; None (an empty slot) counts nothing."""
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))

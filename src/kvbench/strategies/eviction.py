@@ -76,7 +76,6 @@ class EvictionStrategy(CacheStrategy):
     budget: float | int = 0.5
 
     capabilities: ClassVar[Capabilities] = Capabilities(lossless=False, supports_batching=False)
-    layer_class: ClassVar[type[EvictingLayer]] = EvictingLayer
 
     def __post_init__(self):
         validate_budget(self.budget)
@@ -98,7 +97,7 @@ class EvictionStrategy(CacheStrategy):
         return Cache(layers=[self.new_layer() for _ in range(lm.config.num_hidden_layers)])
 
     def new_layer(self) -> EvictingLayer:
-        return self.layer_class(self.budget)
+        return EvictingLayer(self.budget)
 
     def protected(self) -> int:
         """Tokens the strategy always keeps (recent window, attention sinks)."""
@@ -107,22 +106,24 @@ class EvictionStrategy(CacheStrategy):
 
 @dataclass
 class ScoredEviction(EvictionStrategy):
-    """Base of strategies that choose tokens by attention: hooks call `observe` after every attention layer."""
+    """Base of strategies that choose tokens by attention: hooks call `observe` after every attention layer
+    (or just before it, with `observe_before`)."""
 
     window: int = 32  # recent tokens always kept
 
     capabilities: ClassVar[Capabilities] = Capabilities(
         lossless=False, supports_batching=False, needs_attention_scores=True
     )
+    observe_before: ClassVar[bool] = False
 
     def protected(self) -> int:
         return self.window
 
     @contextmanager
     def attach(self, lm, cache):
-        with attention_hooks(lm.model, self.observe):
+        with attention_hooks(lm.model, self.observe, before=self.observe_before):
             yield
 
     def observe(self, module: torch.nn.Module, hidden: torch.Tensor, rope, cache: Cache) -> None:
-        """Called after `module` attended: hidden [batch, q_len, hidden], rope (cos, sin), the cache it updated."""
+        """Called around `module`'s attention: hidden [batch, q_len, hidden], rope (cos, sin), the cache."""
         raise NotImplementedError

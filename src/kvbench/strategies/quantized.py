@@ -19,7 +19,7 @@ from transformers.cache_utils import DynamicLayer
 
 from kvbench.errors import KvbenchError
 from kvbench.strategies import register
-from kvbench.strategies.base import Capabilities, CacheStrategy
+from kvbench.strategies.base import Capabilities, CacheStrategy, tensor_bytes
 
 SUPPORTED_BITS = (8, 4, 2)
 
@@ -56,10 +56,6 @@ def quantize(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.
     scale = ((hi - zero.float()) / levels).clamp(min=1e-5).to(torch.float16)
     codes = ((x.float() - zero.float()) / scale.float()).round().clamp(0, levels).to(torch.uint8)
     return codes, scale, zero
-
-
-def _nbytes(*tensors: torch.Tensor | None) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 class QuantizedLayer(DynamicLayer):
@@ -132,8 +128,8 @@ class QuantizedLayer(DynamicLayer):
         return self.sink_k.shape[-2] + self.body_tokens + self.recent_k.shape[-2]
 
     def nbytes(self) -> int:
-        return _nbytes(self.sink_k, self.sink_v, self.recent_k, self.recent_v, self.key_codes, self.key_scale,
-                       self.key_zero, self.value_codes, self.value_scale, self.value_zero)
+        return tensor_bytes(self.sink_k, self.sink_v, self.recent_k, self.recent_v, self.key_codes, self.key_scale,
+                            self.key_zero, self.value_codes, self.value_scale, self.value_zero)
 
 
 @register
@@ -166,6 +162,3 @@ class Quantized(CacheStrategy):
             )
         return Cache(layers=[QuantizedLayer(self.bits, self.group_size, self.residual, self.sink_tokens)
                              for _ in range(lm.config.num_hidden_layers)])
-
-    def kv_bytes(self, cache):
-        return sum(layer.nbytes() for layer in cache.layers)

@@ -11,7 +11,6 @@ same memory: the code path runs as a functional check, and the run says so.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from transformers import Cache
@@ -19,10 +18,10 @@ from transformers.cache_utils import DynamicLayer
 
 from kvbench.errors import KvbenchError
 from kvbench.strategies import register
-from kvbench.strategies.base import Capabilities
+from kvbench.strategies.base import tensor_bytes
 from kvbench.strategies.budget import capacity
-from kvbench.strategies.eviction import EvictionStrategy, keep_top
-from kvbench.strategies.scores import attention_hooks, queries
+from kvbench.strategies.eviction import ScoredEviction, keep_top
+from kvbench.strategies.scores import queries
 
 
 class SpeculativeLayer(DynamicLayer):
@@ -67,19 +66,16 @@ class SpeculativeLayer(DynamicLayer):
         return self.fetch_count(self.get_seq_length() + 1), 0
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.partial) if t is not None)
+        return tensor_bytes(self.keys, self.values, self.partial)
 
 
 @register
 @dataclass
-class SpeculativeFetch(EvictionStrategy):
+class SpeculativeFetch(ScoredEviction):
     name = "speculative_fetch"
     summary = "InfiniGen-style: KV offloaded, each decode step fetches only the tokens a partial-key score predicts"
-    capabilities: ClassVar[Capabilities] = Capabilities(
-        lossless=False, supports_batching=False, needs_attention_scores=True
-    )
+    observe_before = True  # the query must be known before the layer's cache update picks what to fetch
 
-    window: int = 32
     partial_channels: int = 16
 
     def __post_init__(self):
@@ -87,23 +83,14 @@ class SpeculativeFetch(EvictionStrategy):
         if self.partial_channels < 1:
             raise KvbenchError(f"partial_channels must be >= 1, got {self.partial_channels}")
 
-    def protected(self) -> int:
-        return self.window
-
     def make_cache(self, lm, batch_size, prompt_tokens, max_new_tokens):
         offload = torch.device("cpu")
         return Cache(layers=[SpeculativeLayer(self.budget, self.window, self.partial_channels, offload)
                              for _ in range(lm.config.num_hidden_layers)])
 
-    def attach(self, lm, cache):
-        def capture(module, hidden, rope, cache_):
-            if hidden.shape[1] == 1:
-                cache_.layers[module.layer_idx].query = queries(module, hidden, rope)
-
-        return attention_hooks(lm.model, capture, before=True)
-
-    def kv_bytes(self, cache):
-        return sum(layer.nbytes() for layer in cache.layers)
+    def observe(self, module, hidden, rope, cache) -> None:
+        if hidden.shape[1] == 1:
+            cache.layers[module.layer_idx].query = queries(module, hidden, rope)
 
     def notes(self, device):
         if device.type == "cuda":
