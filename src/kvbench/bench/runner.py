@@ -73,13 +73,15 @@ def run_suite(spec: SuiteSpec, options: RunOptions, lm: LoadedModel | None = Non
     info = _run_info(spec, notes)
     if existing and (out / RUN_INFO).exists():  # keep what earlier, resumed runs learnt about their models
         info["models"] = json.loads((out / RUN_INFO).read_text()).get("models", {})
+    all_points = spec.points()
     done = {(r.get("point"), r.get("trial")) for r in existing if not r.get("warmup")}
-    todo = [(p, t) for p in spec.points() for t in range(spec.trials) if (p.key, t) not in done]
+    todo = [(p, t) for p in all_points for t in range(spec.trials) if (p.key, t) not in done]
+    unfinished = {p for p, _ in todo}
     bar = tqdm(total=len(todo), desc=spec.name, unit="trial", disable=not options.progress)
     with ResultsWriter(results_path) as writer:
         for model_name in spec.model_names():
-            points = [p for p in spec.points() if p.model == model_name]
-            if not any(p == q for q, _ in todo for p in points):
+            points = [p for p in all_points if p.model == model_name]
+            if unfinished.isdisjoint(points):
                 continue
             model = lm if lm is not None and lm.name == model_name else load_model(model_name, spec.device, spec.dtype)
             prompts = {p: _prompts_for(spec, model, p) for p in points}
@@ -91,7 +93,7 @@ def run_suite(spec: SuiteSpec, options: RunOptions, lm: LoadedModel | None = Non
             del model
             gc.collect()
     bar.close()
-    skipped = spec.trials * len(spec.points()) - len(todo)
+    skipped = spec.trials * len(all_points) - len(todo)
     return RunOutcome(out, len(todo), skipped, tuple(notes))
 
 
