@@ -238,3 +238,65 @@ def test_speculative_fetch_generates_and_keeps_every_token(tiny):
     assert result.kv_cache_bytes > reference.kv_cache_bytes  # full KV offloaded plus the partial keys
     assert all(not m._forward_pre_hooks for m in attention_modules(tiny.model))
     assert "functional check" in build_strategy("speculative_fetch").notes(torch.device("cpu"))[0]
+
+
+# --- transformers' QuantizedCache as a peer -------------------------------------------------------
+
+def test_hf_fp8_bytes_are_exact(tiny):
+    result = generate(tiny, build_strategy("hf_quantized", backend="fp8"), PROMPT, GREEDY)
+    cfg = tiny.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    tokens = 100 + 12 - 1
+    # one byte per element, one float32 scale per tensor, keys and values, every layer
+    expected = cfg.num_hidden_layers * 2 * (cfg.num_key_value_heads * head_dim * tokens + 4)
+    assert result.kv_cache_bytes == expected
+    assert len(result.tokens[0]) == 12
+
+
+def test_quanto_tensors_count_their_packed_storage():
+    from optimum.quanto import MaxOptimizer, qint4, quantize_weight
+
+    from kvbench.strategies.base import tensor_bytes
+
+    x = torch.randn(1, 2, 64, 16)
+    scale, shift = MaxOptimizer()(x, qint4, 0, 64)
+    q = quantize_weight(x, qint4, 0, scale, shift, 64)
+    groups = x.numel() // 64
+    assert tensor_bytes(q) == x.numel() // 2 + 2 * groups * 4  # 4-bit codes + float32 scale and shift per group
+    assert tensor_bytes((q, {"extra": q._scale}), None) == tensor_bytes(q) + groups * 4
+
+
+def test_hf_quanto_int4_generates_and_shrinks_the_cache(tiny):
+    prompt = [list(range(20, 276))]
+    reference = generate(tiny, build_strategy("dynamic"), prompt, GREEDY)
+    result = generate(tiny, build_strategy("hf_quantized", backend="quanto", bits=4, residual=32), prompt, GREEDY)
+    assert len(result.tokens[0]) == 12
+    assert result.kv_cache_bytes < 0.5 * reference.kv_cache_bytes
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"backend": "bnb"}, "unknown hf_quantized backend 'bnb'; valid: quanto, hqq, fp8"),
+    ({"backend": "fp8", "bits": 8}, "fixed format; leave bits unset"),
+    ({"backend": "quanto", "bits": 8}, "bits 8 not supported by backend quanto; valid: 2, 4"),
+    ({"backend": "hqq", "residual": 0}, "must be > 0"),
+])
+def test_bad_hf_quantized_settings(kwargs, message):
+    with pytest.raises(KvbenchError, match=message):
+        build_strategy("hf_quantized", **kwargs)
+
+
+def test_missing_backend_package_says_how_to_install(tiny, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "hqq" else real(name, *a))
+    with pytest.raises(KvbenchError, match="needs the hqq package: pip install hqq"):
+        generate(tiny, build_strategy("hf_quantized", backend="hqq"), PROMPT, GREEDY)
+
+
+def test_hf_hqq_int8_keeps_greedy_output(tiny):
+    prompt = [list(range(20, 276))]
+    reference = generate(tiny, build_strategy("dynamic"), prompt, GREEDY)
+    result = generate(tiny, build_strategy("hf_quantized", backend="hqq", bits=8, residual=32), prompt, GREEDY)
+    assert result.tokens == reference.tokens
+    assert result.kv_cache_bytes < 0.4 * reference.kv_cache_bytes

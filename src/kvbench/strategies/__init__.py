@@ -30,6 +30,6 @@ def build_strategy(name: str, **params: Any) -> CacheStrategy:
     return cls(**params)
 
 
-from kvbench.strategies import baseline, h2o, offloaded, quantized, sink, snapkv, speculative  # noqa: E402,F401  (registers built-ins)
+from kvbench.strategies import baseline, h2o, hf_quantized, offloaded, quantized, sink, snapkv, speculative  # noqa: E402,F401  (registers built-ins)
 
 __all__ = ["STRATEGIES", "Capabilities", "CacheStrategy", "build_strategy", "register"]

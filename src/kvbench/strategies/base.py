@@ -60,6 +60,21 @@ class CacheStrategy:
         return []
 
 
-def tensor_bytes(*tensors: torch.Tensor | None) -> int:
-    """Bytes held by the given tensors; None (an empty slot) counts nothing."""
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+def tensor_bytes(*held) -> int:
+    """Bytes held by tensors, looked for inside tuples, lists and dicts; None and other values count nothing.
+
+    Tensor subclasses that wrap storage (quantized tensors such as optimum-quanto's) are counted by
+    their inner tensors (`__tensor_flatten__`), not by the logical shape they present.
+    """
+    total = 0
+    for item in held:
+        if hasattr(item, "__tensor_flatten__"):
+            names, _ = item.__tensor_flatten__()
+            total += tensor_bytes(*(getattr(item, name) for name in names))
+        elif isinstance(item, torch.Tensor):
+            total += item.numel() * item.element_size()
+        elif isinstance(item, (tuple, list)):
+            total += tensor_bytes(*item)
+        elif isinstance(item, dict):
+            total += tensor_bytes(*item.values())
+    return total
