@@ -149,6 +149,21 @@ def test_quantization_error_is_within_half_a_step(bits):
     assert ((restored - x).abs() <= scale.float() / 2 + 1e-3).all()
 
 
+def test_float16_float_part_bytes_are_exact():
+    layer = QuantizedLayer(bits=8, group_size=16, residual=8, sink_tokens=4, float_dtype=torch.float16)
+    b, h, d, n = 1, 2, 32, 4 + 16 * 3 + 10
+    k, v = torch.randn(b, h, n, d), torch.randn(b, h, n, d)
+    out_k, _ = layer.update(k, v)
+    assert torch.equal(out_k, k)  # prefill still attends in the model's precision
+    fp = (4 + 10) * b * h * d * 2 * 2  # sinks + residual in float16
+    codes = 48 * b * h * d * 2
+    meta = ((48 // 16) * b * h * d + 48 * b * h * (d // 16)) * 2 * 2  # fp16 scale + zero, keys and values
+    assert layer.nbytes() == fp + codes + meta
+    new_k = torch.randn(b, h, 1, d)
+    out_k, _ = layer.update(new_k, torch.randn(b, h, 1, d))
+    assert out_k.dtype == torch.float32 and torch.allclose(out_k[:, :, -1:], new_k, atol=1e-2)
+
+
 def test_quantized_layer_bytes_are_exact():
     layer = QuantizedLayer(bits=4, group_size=16, residual=8, sink_tokens=4)
     b, h, d, n = 1, 2, 32, 4 + 16 * 3 + 10
@@ -193,6 +208,7 @@ def test_int8_tracks_dynamic_and_shrinks_the_cache(tiny):
 @pytest.mark.parametrize("kwargs, message", [
     ({"bits": 3}, "bits 3 not supported by quantized; valid: 8, 4, 2"),
     ({"group_size": 0}, "group_size must be > 0"),
+    ({"float_dtype": "int8"}, "float_dtype 'int8' not supported; valid: model, float16, bfloat16"),
 ])
 def test_bad_quantization_settings(kwargs, message):
     with pytest.raises(KvbenchError, match=message):

@@ -22,6 +22,7 @@ from kvbench.strategies import register
 from kvbench.strategies.base import Capabilities, CacheStrategy, tensor_bytes
 
 SUPPORTED_BITS = (8, 4, 2)
+FLOAT_DTYPES: dict[str, torch.dtype | None] = {"model": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -59,11 +60,16 @@ def quantize(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.
 
 
 class QuantizedLayer(DynamicLayer):
-    """One layer's KV: full-precision sinks | quantized body | full-precision residual window."""
+    """One layer's KV: full-precision sinks | quantized body | full-precision residual window.
 
-    def __init__(self, bits: int, group_size: int, residual: int, sink_tokens: int):
+    `float_dtype` stores the sinks and the residual window (None: the model's dtype).
+    """
+
+    def __init__(self, bits: int, group_size: int, residual: int, sink_tokens: int,
+                 float_dtype: torch.dtype | None = None):
         super().__init__()
         self.bits, self.group, self.residual, self.sinks = bits, group_size, residual, sink_tokens
+        self.float_dtype = float_dtype
         self.sink_k = self.sink_v = self.recent_k = self.recent_v = None
         # Body: codes [b, h, n, d * bits / 8]; key scale/zero [b, h, n / group, d]; value scale/zero [b, h, n, d / vgroup]
         self.key_codes = self.key_scale = self.key_zero = None
@@ -74,16 +80,21 @@ class QuantizedLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
             self.value_group = min(self.group, key_states.shape[-1])
+            self.stored = self.float_dtype or key_states.dtype
             n = key_states.shape[-2]
             s = min(self.sinks, n)
-            self.sink_k, self.sink_v = key_states[:, :, :s].clone(), value_states[:, :, :s].clone()
-            self.recent_k, self.recent_v = key_states[:, :, s:].clone(), value_states[:, :, s:].clone()
+            self.sink_k, self.sink_v = self._store(key_states[:, :, :s]), self._store(value_states[:, :, :s])
+            self.recent_k, self.recent_v = self._store(key_states[:, :, s:]), self._store(value_states[:, :, s:])
             self._flush()
             return key_states, value_states  # prefill attends in full precision
-        self.recent_k = torch.cat([self.recent_k, key_states], dim=-2)
-        self.recent_v = torch.cat([self.recent_v, value_states], dim=-2)
+        self.recent_k = torch.cat([self.recent_k, self._store(key_states)], dim=-2)
+        self.recent_v = torch.cat([self.recent_v, self._store(value_states)], dim=-2)
         self._flush()
         return self._full()
+
+    def _store(self, x: torch.Tensor) -> torch.Tensor:
+        """A copy in the storage dtype of the full-precision parts."""
+        return x.to(self.stored, copy=True)
 
     def _flush(self) -> None:
         """Move whole groups from the residual window into the quantized body, keeping >= `residual` recent."""
@@ -115,12 +126,14 @@ class QuantizedLayer(DynamicLayer):
         return k.view(b, h, n, d), v.view(b, h, n, d)
 
     def _full(self) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = [self.sink_k], [self.sink_v]
+        keys, values = [self.sink_k.to(self.dtype)], [self.sink_v.to(self.dtype)]
         if self.body_tokens:
             k, v = self._dequantized_body()
             keys.append(k)
             values.append(v)
-        return torch.cat(keys + [self.recent_k], dim=-2), torch.cat(values + [self.recent_v], dim=-2)
+        keys.append(self.recent_k.to(self.dtype))
+        values.append(self.recent_v.to(self.dtype))
+        return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
 
     def get_seq_length(self) -> int:
         if not self.is_initialized:
@@ -143,6 +156,7 @@ class Quantized(CacheStrategy):
     group_size: int = 64
     residual: int = 32
     sink_tokens: int = 4
+    float_dtype: str = "model"  # storage of the sinks and residual window: the model's dtype, or float16 as KIVI
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
@@ -151,6 +165,8 @@ class Quantized(CacheStrategy):
             raise KvbenchError(f"group_size must be > 0, got {self.group_size}")
         if self.residual < 0 or self.sink_tokens < 0:
             raise KvbenchError("residual and sink_tokens must be >= 0")
+        if self.float_dtype not in FLOAT_DTYPES:
+            raise KvbenchError(f"float_dtype {self.float_dtype!r} not supported; valid: {', '.join(FLOAT_DTYPES)}")
 
     def make_cache(self, lm, batch_size, prompt_tokens, max_new_tokens):
         head_dim = getattr(lm.config, "head_dim", None) or lm.config.hidden_size // lm.config.num_attention_heads
@@ -160,5 +176,6 @@ class Quantized(CacheStrategy):
                 f"group_size {self.group_size} does not divide head_dim {head_dim} of {lm.name} into whole "
                 "byte-packable groups; use a divisor of head_dim such as 32 or 64"
             )
-        return Cache(layers=[QuantizedLayer(self.bits, self.group_size, self.residual, self.sink_tokens)
+        return Cache(layers=[QuantizedLayer(self.bits, self.group_size, self.residual, self.sink_tokens,
+                                            FLOAT_DTYPES[self.float_dtype])
                              for _ in range(lm.config.num_hidden_layers)])
