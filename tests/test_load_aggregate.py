@@ -33,6 +33,11 @@ def test_throughputs_and_latency_stats_from_hand_made_records():
     assert "goodput" not in a
 
 
+def test_unknown_prompt_counts_give_no_input_throughput():
+    a = aggregate([rec(), rec(prompt=None)])
+    assert math.isnan(a["input_token_throughput"]) and a["output_token_throughput"] == pytest.approx(8.0)
+
+
 def test_empty_run_gives_zero_counts_and_nan_statistics():
     a = aggregate([])
     assert (a["requests"], a["completed"], a["failed"]) == (0, 0, 0)

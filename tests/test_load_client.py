@@ -58,7 +58,7 @@ def test_every_fault_is_recorded_with_its_reason_and_the_run_goes_on(kind):
     assert by["a [[fault:malformed]]"]["ttft_ms"] is not None and by["a [[fault:stall]]"]["ttft_ms"] is not None
     assert "injected failure" in by["a [[fault:http_500]]"]["error"]
     no_usage = by["a [[fault:no_usage]]"]
-    assert no_usage["usage_source"] == "chunks" and no_usage["output_tokens"] == 5 and no_usage["prompt_tokens"] is None
+    assert no_usage["usage_source"] == "client" and no_usage["output_tokens"] == 5 and no_usage["prompt_tokens"] is None
 
 
 def test_sends_follow_the_schedule_not_the_completions():
@@ -141,7 +141,9 @@ def test_ctrl_c_keeps_the_measured_requests_and_marks_the_report_partial(tmp_pat
     out = tmp_path / "out"
     with FakeServer(FakeConfig(stall_s=30.0)) as url:
         proc = subprocess.Popen([sys.executable, "-m", "kvbench.cli", "load", "--url", url, "--workload", str(path),
-                                 "--out", str(out), "--no-progress"], stderr=subprocess.PIPE, text=True)
+                                 "--out", str(out), "--no-progress"], stderr=subprocess.PIPE, text=True,
+                                # a shell's background job inherits SIGINT ignored; Ctrl-C needs the default
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and len(read_records(out / "results.jsonl", strict=False)) < 3:

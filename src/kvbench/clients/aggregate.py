@@ -59,8 +59,9 @@ def aggregate(records: list[dict], slo: dict[str, float] | None = None) -> dict[
     ends = [r["end_s"] for r in records if r.get("end_s") is not None]
     duration = max(ends) if ends else float("nan")
     per_s = (lambda x: x / duration) if duration > 0 else (lambda x: float("nan"))
-    prompt = sum(r["prompt_tokens"] or 0 for r in ok)
-    output = sum(r["output_tokens"] or 0 for r in ok)
+    # prompt tokens are unknown when the server reports no usage and no tokenizer was given
+    prompt = sum(r["prompt_tokens"] for r in ok) if all(r["prompt_tokens"] is not None for r in ok) else math.nan
+    output = sum(r["output_tokens"] for r in ok)
     out: dict = {
         "requests": len(records),
         "completed": len(ok),

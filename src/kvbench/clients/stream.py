@@ -5,9 +5,11 @@ Definitions (as in vLLM's serving benchmark, measured on the client):
 - ITL: every gap between consecutive text-bearing chunks (a chunk may carry several tokens).
 - TPOT: (E2E - TTFT) / (output tokens - 1): decode time per token, the first token excluded.
 - E2E: actual send -> end of the stream.
-Token counts come from the server's `usage` (asked for with `stream_options.include_usage`);
-without one, from a local tokenizer when given, else the count of text-bearing chunks, and
-`usage_source` says which.
+Token counts come from the server's `usage` (asked for with `stream_options.include_usage`,
+`usage_source` "server"). A server that reports none (llama-cpp-python) gets client counts
+(`usage_source` "client"): the prompt through the local tokenizer when one is given, and one
+output token per text-bearing chunk, which is exact for servers that stream token by token
+(re-tokenizing the generated text is not: merges across token boundaries change the count).
 """
 
 from __future__ import annotations
@@ -57,7 +59,6 @@ class Trace:
     sent: float | None = None  # perf_counter() values from here on
     chunks: list[float] = field(default_factory=list)  # arrival of each text-bearing chunk
     end: float | None = None
-    text: list[str] = field(default_factory=list)
     usage: dict | None = None
     status: str = "pending"
     error: str | None = None
@@ -92,10 +93,8 @@ class Trace:
             details = self.usage.get("prompt_tokens_details") or {}
             return (self.usage.get("prompt_tokens"), int(self.usage.get("completion_tokens") or 0),
                     details.get("cached_tokens"), "server")
-        if tokenizer is not None:
-            prompt = len(tokenizer.encode(self.request.prompt, add_special_tokens=False))
-            return prompt, len(tokenizer.encode("".join(self.text), add_special_tokens=False)), None, "tokenizer"
-        return None, len(self.chunks), None, "chunks"
+        prompt = len(tokenizer.encode(self.request.prompt, add_special_tokens=False)) if tokenizer else None
+        return prompt, len(self.chunks), None, "client"
 
 
 async def stream_request(client: httpx.AsyncClient, endpoint: Endpoint, trace: Trace) -> None:
@@ -154,7 +153,6 @@ async def _read_events(response: httpx.Response, trace: Trace) -> bool:
             piece = _text_of(choice)
             if piece:
                 trace.chunks.append(now)
-                trace.text.append(piece)
             finished = finished or bool(choice.get("finish_reason"))
     return finished
 
