@@ -14,7 +14,7 @@ from kvbench.cli import build_parser, load_config, main
 from kvbench.clients.fake import FakeConfig, FakeServer
 from kvbench.clients.loadgen import run_load
 from kvbench.clients.run import LoadConfig
-from kvbench.clients.stream import Endpoint, http_limits
+from kvbench.clients.stream import Endpoint, http_clients
 from kvbench.clients.workloads import LoadWorkload, Request
 
 FAULTS = ("slow_first", "http_500", "malformed", "drop", "stall", "no_usage")
@@ -74,9 +74,11 @@ def test_sends_follow_the_schedule_not_the_completions():
     assert capped[2]["send_lag_ms"] >= 2 * 4 * 100.0
 
 
-def test_connection_pool_never_caps_concurrency():
-    assert http_limits(None, 1000).max_connections == 1000
-    assert http_limits(8, 1000).max_connections == 8
+def test_connection_pools_never_cap_concurrency():
+    clients = http_clients(1000, 5.0)
+    assert len(clients) == 32  # small pools: httpcore scans a whole pool on every request event
+    assert all(c._transport._pool._max_connections == 1000 for c in clients)
+    assert len(http_clients(8, 5.0)) == 1
 
 
 def test_load_command_writes_records_summary_and_report(tmp_path, capsys):

@@ -13,9 +13,7 @@ import contextlib
 import time
 from collections.abc import Callable
 
-import httpx
-
-from kvbench.clients.stream import Endpoint, Trace, http_limits, stream_request
+from kvbench.clients.stream import Endpoint, Trace, http_clients, stream_request
 from kvbench.clients.workloads import Request, Tokenizer
 
 
@@ -31,16 +29,17 @@ async def run_load(
     if len(requests) != len(schedule_s):
         raise ValueError(f"{len(requests)} requests but {len(schedule_s)} send times")
     slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
-    limits = http_limits(max_concurrency, len(requests))
-    timeout = httpx.Timeout(endpoint.timeout_s)
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+    clients = http_clients(max_concurrency or len(requests), endpoint.timeout_s)
+    async with contextlib.AsyncExitStack() as stack:
+        for client in clients:
+            await stack.enter_async_context(client)
         t0 = time.perf_counter()
 
         async def one(request: Request, at: float) -> None:
             trace = Trace(request, at, t0)
             try:
                 async with slots if slots else contextlib.nullcontext():
-                    await stream_request(client, endpoint, trace)
+                    await stream_request(clients[request.index % len(clients)], endpoint, trace)
             except asyncio.CancelledError:
                 trace.fail("interrupted", "the run was interrupted before this request ended")
                 raise
