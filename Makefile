@@ -46,7 +46,7 @@ test: setup setup-server
 	$(PY) -m pytest -q
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not server"
 
 clean:
 	rm -rf $(VENV) $(LLAMACPP_VENV) results

@@ -40,7 +40,7 @@ def test_unknown_prompt_counts_give_no_input_throughput():
 
 def test_empty_run_gives_zero_counts_and_nan_statistics():
     a = aggregate([])
-    assert (a["requests"], a["completed"], a["failed"]) == (0, 0, 0)
+    assert (a["requests"], a["completed"], a["failed"], a["cached_tokens"]) == (0, 0, 0, None)
     assert math.isnan(a["duration_s"]) and math.isnan(a["request_throughput"]) and math.isnan(a["ttft_ms.p99"])
 
 

@@ -74,7 +74,7 @@ def aggregate(records: list[dict], slo: dict[str, float] | None = None) -> dict[
         "total_token_throughput": per_s(prompt + output),
         "prompt_tokens": prompt,
         "output_tokens": output,
-        "cached_tokens": sum(r.get("cached_tokens") or 0 for r in ok),
+        "cached_tokens": _sum_known(r.get("cached_tokens") for r in ok),  # None: the server never said
     }
     if slo:
         good = sum(meets_slo(r, slo) for r in ok)
@@ -93,6 +93,11 @@ def prefix_effect(records: list[dict]) -> dict[str, float]:
     shared = summarize(r["ttft_ms"] for r in ok if r["shared_prefix"])
     return {"ttft_ms.new_prefix.p50": first.p50, "ttft_ms.shared_prefix.p50": shared.p50,
             "ttft_new_over_shared": first.p50 / shared.p50 if shared.n and first.n and shared.p50 > 0 else float("nan")}
+
+
+def _sum_known(values) -> int | None:
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None
 
 
 def _stats(name: str, samples: list[float]) -> dict[str, float]:

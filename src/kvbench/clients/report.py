@@ -99,7 +99,7 @@ def render(info: dict, summary: dict) -> str:
                   "| rate | new prefix TTFT p50 ms | shared prefix TTFT p50 ms | new / shared | cached tokens (server) |",
                   "|---|---|---|---|---|"]
         lines += [f"| {label} | {_f(p['ttft_ms.new_prefix.p50'])} | {_f(p['ttft_ms.shared_prefix.p50'])} "
-                  f"| {_f(p['ttft_new_over_shared'], 2)} | {p['cached_tokens']} |"
+                  f"| {_f(p['ttft_new_over_shared'], 2)} | {_f(p['cached_tokens'], 0)} |"
                   for label, p in summary["points"].items() if "ttft_new_over_shared" in p]
     lines += ["", "## Server metrics (Prometheus /metrics, deltas over each rate's run)", ""]
     for label, point in info.get("points", {}).items():
