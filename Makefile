@@ -11,9 +11,23 @@ TORCH_INDEX ?=
 FIND_LINKS := $(if $(WHEELS),--find-links $(WHEELS),) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 PIP := $(PY) -m pip install --disable-pip-version-check $(FIND_LINKS)
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup setup-server demo test test-fast clean
 
 setup: $(VENV)/.installed
+
+# llama.cpp's OpenAI-compatible server for the `server` tests, in its own venv so that its
+# fastapi/uvicorn pins never touch kvbench's. PyPI has only the sdist: the first install compiles
+# llama.cpp (minutes on 2 cores); pip caches the built wheel, so later installs take seconds.
+LLAMACPP_VENV := .venv-llamacpp
+LLAMACPP_PIN := llama-cpp-python[server]==0.3.36
+LLAMACPP_CMAKE_ARGS := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
+
+setup-server: $(LLAMACPP_VENV)/.installed
+
+$(LLAMACPP_VENV)/.installed: Makefile
+	$(PYTHON) -m venv $(LLAMACPP_VENV)
+	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(LLAMACPP_VENV)/bin/python -m pip install -q --disable-pip-version-check "$(LLAMACPP_PIN)"
+	touch $@
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -28,11 +42,11 @@ demo: setup
 	rm -rf results/demo
 	$(VENV)/bin/kvbench run cache-vs-nocache --quick --out results/demo
 
-test: setup
+test: setup setup-server
 	$(PY) -m pytest -q
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not server"
 
 clean:
-	rm -rf $(VENV) results
+	rm -rf $(VENV) $(LLAMACPP_VENV) results

@@ -1,4 +1,4 @@
-"""The `kvbench` command: env, list, generate, run, report."""
+"""The `kvbench` command: env, list, generate, run, report, load."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvbench.errors import KvbenchError
 
+if TYPE_CHECKING:
+    from kvbench.clients.run import LoadConfig
 
 
 def _defaults():
@@ -63,14 +66,53 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="write OUT/report.md and OUT/figures from a run's results")
     rep.add_argument("out", type=Path)
+    _load_parser(sub)
     return parser
+
+
+def _load_parser(sub) -> None:
+    from kvbench.clients.run import LoadConfig
+    from kvbench.clients.stream import ENDPOINTS
+    from kvbench.clients.workloads import KINDS, LoadWorkload
+
+    cfg, wl = LoadConfig(url="http://x"), LoadWorkload()
+    ld = sub.add_parser("load", help="open-loop load against an OpenAI-compatible server (vLLM, SGLang, llama.cpp, ...)")
+    ld.add_argument("--url", required=True, help="the API root, e.g. http://127.0.0.1:8000/v1")
+    ld.add_argument("--model", default=cfg.model, help="served model name (default: the one the server lists)")
+    ld.add_argument("--endpoint", choices=ENDPOINTS, default=cfg.endpoint)
+    ld.add_argument("--workload", default=wl.kind, help=f"{', '.join(KINDS)}, or a .jsonl file of conversations")
+    ld.add_argument("--tokenizer", default=cfg.tokenizer,
+                    help="the served model's tokenizer (local dir, cached hub id, smollm2-135m); builds the generated "
+                         "workloads and counts tokens when the server reports no usage")
+    rate = ld.add_mutually_exclusive_group()
+    rate.add_argument("--request-rate", default="inf", help="requests/s, or inf to send all at once")
+    rate.add_argument("--request-rates", help="comma-separated rates for a latency-vs-load sweep, e.g. 1,2,4,inf")
+    ld.add_argument("--burstiness", type=float, default=cfg.burstiness, help="gamma shape: 1 Poisson, < 1 burstier")
+    ld.add_argument("--max-concurrency", type=int, default=cfg.max_concurrency)
+    count = ld.add_mutually_exclusive_group()
+    count.add_argument("--num-requests", type=int, default=cfg.num_requests,
+                       help="default: one pass over the workload, or 50 random prompts")
+    count.add_argument("--duration", type=float, default=cfg.duration_s, help="seconds of arrivals (finite rate)")
+    ld.add_argument("--prompt-tokens", type=int, default=wl.prompt_tokens)
+    ld.add_argument("--output-tokens", type=int, default=wl.output_tokens, help="max_tokens of each request")
+    ld.add_argument("--prefix-tokens", type=int, default=wl.prefix_tokens, help="prefix-repetition")
+    ld.add_argument("--prefixes", type=int, default=wl.prefixes, help="prefix-repetition: distinct prefixes")
+    ld.add_argument("--suffixes", type=int, default=wl.suffixes, help="prefix-repetition: requests per prefix")
+    ld.add_argument("--conversations", type=int, default=wl.conversations, help="multi-turn")
+    ld.add_argument("--turns", type=int, default=wl.turns, help="multi-turn")
+    ld.add_argument("--ignore-eos", action="store_true", help="ask for exactly --output-tokens (vLLM, SGLang)")
+    ld.add_argument("--slo", help="goodput limits in ms, e.g. ttft_ms=200,tpot_ms=50 (keys: ttft_ms, tpot_ms, e2e_ms)")
+    ld.add_argument("--timeout", type=float, default=cfg.timeout_s, help="seconds without data before a request fails")
+    ld.add_argument("--seed", type=int, default=cfg.seed)
+    ld.add_argument("--out", type=Path, help="output dir (default results/load)")
+    ld.add_argument("--no-progress", action="store_true")
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return {"env": cmd_env, "list": cmd_list, "generate": cmd_generate, "run": cmd_run, "report": cmd_report}[
-            args.command](args)
+        return {"env": cmd_env, "list": cmd_list, "generate": cmd_generate, "run": cmd_run, "report": cmd_report,
+                "load": cmd_load}[args.command](args)
     except KvbenchError as exc:
         print(f"kvbench: error: {exc}", file=sys.stderr)
         return 2
@@ -198,9 +240,60 @@ def cmd_run(args) -> int:
 
 def cmd_report(args) -> int:
     from kvbench.bench.report import one_line_summary, write_report
+    from kvbench.clients.run import is_load_run
 
+    if is_load_run(args.out):
+        from kvbench.clients.report import one_line, write_load_report
+
+        report = write_load_report(args.out)
+        print(one_line(args.out))
+        print(f"report: {report}")
+        return 0
     report = write_report(args.out)
     print(one_line_summary(args.out))
+    print(f"report: {report}")
+    return 0
+
+
+def load_config(args) -> LoadConfig:
+    """The run's config from the parsed `kvbench load` flags (the flags' defaults are the config's)."""
+    from kvbench.clients.aggregate import parse_slo
+    from kvbench.clients.arrivals import parse_rate
+    from kvbench.clients.run import LoadConfig
+    from kvbench.clients.workloads import LoadWorkload
+
+    rates = args.request_rates.split(",") if args.request_rates else [args.request_rate]
+    workload = LoadWorkload(
+        kind=args.workload, prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens,
+        prefix_tokens=args.prefix_tokens, prefixes=args.prefixes, suffixes=args.suffixes,
+        conversations=args.conversations, turns=args.turns, seed=args.seed,
+    )
+    return LoadConfig(
+        url=args.url, model=args.model, endpoint=args.endpoint, workload=workload,
+        request_rates=tuple(parse_rate(r.strip()) for r in rates), burstiness=args.burstiness,
+        max_concurrency=args.max_concurrency, num_requests=args.num_requests, duration_s=args.duration,
+        slo=parse_slo(args.slo) if args.slo else None, seed=args.seed, timeout_s=args.timeout,
+        tokenizer=args.tokenizer, ignore_eos=args.ignore_eos,
+    )
+
+
+def cmd_load(args) -> int:
+    from kvbench.clients.report import one_line, write_load_report
+    from kvbench.clients.run import run_load_config
+
+    config = load_config(args)
+    out = args.out or Path("results") / "load"
+    if config.tokenizer:
+        _quiet_transformers()
+    try:
+        outcome = run_load_config(config, out, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        report = write_load_report(out)
+        print(f"kvbench: interrupted; the requests already measured are in {out}; partial report: {report}",
+              file=sys.stderr)
+        return 130
+    report = write_load_report(out)
+    print(f"{outcome.records} requests measured; {one_line(out)}")
     print(f"report: {report}")
     return 0
 

@@ -12,23 +12,29 @@ import torch
 import kvbench
 
 
-def describe(device: torch.device) -> dict:
-    import transformers
-
-    env = {
+def describe_host() -> dict:
+    """The client side of a run: versions, CPU and commit, without importing torch."""
+    return {
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
         "kvbench": kvbench.__version__,
         "platform": platform.platform(),
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
+        "git_commit": _git_commit(),
+    }
+
+
+def describe(device: torch.device) -> dict:
+    import transformers
+
+    return {
+        **describe_host(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
         "device_name": _device_name(device),
-        "git_commit": _git_commit(),
     }
-    return env
 
 
 def _cpu_name() -> str:

@@ -1,0 +1,1 @@
+"""Drive OpenAI-compatible servers over HTTP: workload -> arrivals -> streaming client -> records -> aggregates."""

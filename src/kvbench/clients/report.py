@@ -1,0 +1,114 @@
+"""summary.json and report.md of a load run, from results.jsonl and run.json only."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from kvbench.bench.records import RESULTS, RUN_INFO, atomic_write_text, read_records
+from kvbench.clients.aggregate import aggregate, prefix_effect
+from kvbench.errors import KvbenchError
+
+SUMMARY = "summary.json"
+
+
+def summarize_run(out: Path) -> dict:
+    """{"partial": bool, "points": {rate label: aggregates}}; points in the order they were run."""
+    if not (out / RESULTS).exists():
+        raise KvbenchError(f"{out} has no {RESULTS}; run kvbench load --out {out} first")
+    records = read_records(out / RESULTS, strict=False)
+    info = _info(out)
+    slo = (info.get("config") or {}).get("slo")
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        groups.setdefault(r["request_rate"], []).append(r)
+    points = {}
+    for label, rs in groups.items():
+        point = aggregate(rs, slo)
+        if any(r.get("prefix_id") is not None for r in rs):
+            point.update(prefix_effect(rs))
+        point["planned"] = (info.get("points", {}).get(label) or {}).get("planned", len(rs))
+        points[label] = point
+    return {"partial": info.get("partial", False), "slo": slo, "points": points}
+
+
+def write_load_report(out: Path) -> Path:
+    summary = summarize_run(out)
+    atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2, allow_nan=True))
+    path = out / "report.md"
+    atomic_write_text(path, render(_info(out), summary))
+    return path
+
+
+def one_line(out: Path) -> str:
+    summary = json.loads((out / SUMMARY).read_text())
+    parts = [f"rate {label}: {p['completed']}/{p['requests']} ok, {_f(p['request_throughput'], 2)} req/s, "
+             f"TTFT p50 {_f(p['ttft_ms.p50'])} ms, TPOT p50 {_f(p['tpot_ms.p50'], 2)} ms"
+             for label, p in summary["points"].items()]
+    return ("PARTIAL (interrupted) " if summary["partial"] else "") + "; ".join(parts)
+
+
+def _info(out: Path) -> dict:
+    return json.loads((out / RUN_INFO).read_text()) if (out / RUN_INFO).exists() else {}
+
+
+def _f(x, digits: int = 1) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def render(info: dict, summary: dict) -> str:
+    config, env, server = info.get("config", {}), info.get("environment", {}), info.get("server", {})
+    workload = config.get("workload", {})
+    lines = [f"# kvbench load report: {server.get('model', config.get('model'))}", ""]
+    if summary["partial"]:
+        lines += ["**PARTIAL: the run was interrupted; the tables cover the requests that were sent.**", ""]
+    lines += [
+        f"- server: {config.get('url')} (`/{config.get('endpoint')}`), model `{server.get('model')}`",
+        f"- workload: {workload.get('kind')} (prompt {workload.get('prompt_tokens')} tokens, max output "
+        f"{workload.get('output_tokens')} tokens); burstiness {config.get('burstiness')}, max concurrency "
+        f"{config.get('max_concurrency') or 'none'}, seed {config.get('seed')}",
+        f"- SLO for goodput: {summary['slo'] or 'none given'}",
+        f"- client: python {env.get('python')}, kvbench {env.get('kvbench')}, {env.get('cpu')} "
+        f"({env.get('cpu_count')} CPUs), commit `{env.get('git_commit')}`",
+        "",
+        "## Latency and throughput per request rate",
+        "",
+        "TTFT: send to first generated text; TPOT: (E2E - TTFT) / (output tokens - 1); ITL: every gap between "
+        "streamed chunks; send lag: actual minus scheduled send. Latency statistics over successful requests.",
+        "",
+        "| rate (req/s) | ok / sent / planned | req/s | in tok/s | out tok/s | TTFT ms mean / p50 / p99 "
+        "| TPOT ms mean / p99 | ITL ms p50 / p99 | E2E ms p50 / p99 | send lag ms p99 | goodput req/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, p in summary["points"].items():
+        lines.append(
+            f"| {label} | {p['completed']} / {p['requests']} / {p['planned']} | {_f(p['request_throughput'], 2)} "
+            f"| {_f(p['input_token_throughput'])} | {_f(p['output_token_throughput'])} "
+            f"| {_f(p['ttft_ms.mean'])} / {_f(p['ttft_ms.p50'])} / {_f(p['ttft_ms.p99'])} "
+            f"| {_f(p['tpot_ms.mean'], 2)} / {_f(p['tpot_ms.p99'], 2)} | {_f(p['itl_ms.p50'], 2)} / {_f(p['itl_ms.p99'], 2)} "
+            f"| {_f(p['e2e_ms.p50'])} / {_f(p['e2e_ms.p99'])} | {_f(p['send_lag_ms.p99'], 2)} "
+            f"| {_f(p.get('goodput'), 2)} |"
+        )
+    failures = {label: p["failures"] for label, p in summary["points"].items() if p["failures"]}
+    if failures:
+        lines += ["", "## Failed requests", "", "| rate | reason | count |", "|---|---|---|"]
+        lines += [f"| {label} | {reason} | {n} |" for label, f in failures.items() for reason, n in f.items()]
+    if any("ttft_new_over_shared" in p for p in summary["points"].values()):
+        lines += ["", "## Prefix cache effect (TTFT of requests whose prefix is new vs already sent)", "",
+                  "| rate | new prefix TTFT p50 ms | shared prefix TTFT p50 ms | new / shared | cached tokens (server) |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {label} | {_f(p['ttft_ms.new_prefix.p50'])} | {_f(p['ttft_ms.shared_prefix.p50'])} "
+                  f"| {_f(p['ttft_new_over_shared'], 2)} | {_f(p['cached_tokens'], 0)} |"
+                  for label, p in summary["points"].items() if "ttft_new_over_shared" in p]
+    lines += ["", "## Server metrics (Prometheus /metrics, deltas over each rate's run)", ""]
+    for label, point in info.get("points", {}).items():
+        metrics = point.get("server_metrics")
+        if not metrics or not metrics.get("available"):
+            lines.append(f"- rate {label}: unavailable (no /metrics endpoint, or the run was interrupted)")
+            continue
+        shown = {**metrics["counters"], **metrics["gauges"]}
+        hit = metrics.get("prefix_cache_hit_rate")
+        lines.append(f"- rate {label}: " + (f"prefix-cache hit rate {_f(hit, 3)}; " if hit is not None else "")
+                     + ", ".join(f"`{k}` {v:g}" for k, v in sorted(shown.items())))
+    return "\n".join(lines) + "\n"

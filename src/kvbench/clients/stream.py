@@ -1,0 +1,178 @@
+"""One streamed request to an OpenAI-compatible server, timed chunk by chunk.
+
+Definitions (as in vLLM's serving benchmark, measured on the client):
+- TTFT: actual send -> first SSE chunk that carries generated text (a role-only chunk does not count).
+- ITL: every gap between consecutive text-bearing chunks (a chunk may carry several tokens).
+- TPOT: (E2E - TTFT) / (output tokens - 1): decode time per token, the first token excluded.
+- E2E: actual send -> end of the stream.
+Token counts come from the server's `usage` (asked for with `stream_options.include_usage`,
+`usage_source` "server"). A server that reports none (llama-cpp-python) gets client counts
+(`usage_source` "client"): the prompt through the local tokenizer when one is given, and one
+output token per text-bearing chunk, which is exact for servers that stream token by token
+(re-tokenizing the generated text is not: merges across token boundaries change the count).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+from kvbench.clients.workloads import Request, Tokenizer
+
+ENDPOINTS = ("completions", "chat")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    base_url: str  # ends in /v1
+    model: str
+    kind: str = "completions"  # or "chat"
+    timeout_s: float = 600.0  # per connect / read of one chunk
+    ignore_eos: bool = False  # vLLM and SGLang honour it; others ignore it
+
+    @property
+    def url(self) -> str:
+        return f"{self.base_url.rstrip('/')}/{'chat/completions' if self.kind == 'chat' else 'completions'}"
+
+    def payload(self, request: Request) -> dict:
+        body = {"model": self.model, "max_tokens": request.max_tokens, "temperature": 0.0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        if self.ignore_eos:
+            body["ignore_eos"] = True
+        if self.kind == "chat":
+            body["messages"] = list(request.messages)
+        else:
+            body["prompt"] = request.prompt
+        return body
+
+
+@dataclass
+class Trace:
+    """What one request measured so far; turned into a record however the request ends."""
+
+    request: Request
+    scheduled_s: float  # from the start of the run
+    t0: float  # perf_counter() at the start of the run
+    sent: float | None = None  # perf_counter() values from here on
+    chunks: list[float] = field(default_factory=list)  # arrival of each text-bearing chunk
+    end: float | None = None
+    usage: dict | None = None
+    status: str = "pending"
+    error: str | None = None
+
+    def fail(self, status: str, error: str) -> None:
+        if self.status in ("pending", "ok"):
+            self.status, self.error = status, error[:500]
+        self.end = self.end or time.perf_counter()
+
+    def record(self, tokenizer: Tokenizer | None = None) -> dict:
+        """The results.jsonl record; times relative to the run start, durations in ms."""
+        ms = lambda a, b: (b - a) * 1000.0 if a is not None and b is not None else None  # noqa: E731
+        first = self.chunks[0] if self.chunks else None
+        prompt_tokens, output_tokens, cached, source = self._token_counts(tokenizer)
+        ttft, e2e = ms(self.sent, first), ms(self.sent, self.end)
+        tpot = (e2e - ttft) / (output_tokens - 1) if ttft is not None and e2e is not None and output_tokens > 1 else None
+        req = self.request
+        return {
+            "index": req.index, "scheduled_s": self.scheduled_s,
+            "sent_s": None if self.sent is None else self.sent - self.t0,
+            "send_lag_ms": ms(self.t0 + self.scheduled_s, self.sent),
+            "end_s": None if self.end is None else self.end - self.t0,
+            "ttft_ms": ttft, "itl_ms": [ms(a, b) for a, b in zip(self.chunks, self.chunks[1:])],
+            "tpot_ms": tpot, "e2e_ms": e2e,
+            "prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "cached_tokens": cached,
+            "usage_source": source, "status": self.status, "error": self.error,
+            "prefix_id": req.prefix_id, "shared_prefix": req.shared_prefix, "turn": req.turn,
+        }
+
+    def _token_counts(self, tokenizer: Tokenizer | None) -> tuple[int | None, int, int | None, str]:
+        if self.usage:
+            details = self.usage.get("prompt_tokens_details") or {}
+            return (self.usage.get("prompt_tokens"), int(self.usage.get("completion_tokens") or 0),
+                    details.get("cached_tokens"), "server")
+        prompt = len(tokenizer.encode(self.request.prompt, add_special_tokens=False)) if tokenizer else None
+        return prompt, len(self.chunks), None, "client"
+
+
+async def stream_request(client: httpx.AsyncClient, endpoint: Endpoint, trace: Trace) -> None:
+    """Send one request and fill `trace`; failures end up in trace.status, never as exceptions."""
+    try:
+        trace.sent = time.perf_counter()
+        async with client.stream("POST", endpoint.url, json=endpoint.payload(trace.request)) as response:
+            if response.status_code != 200:
+                body = (await response.aread()).decode("utf-8", "replace")
+                trace.fail(f"http_{response.status_code}", body)
+                return
+            if "text/event-stream" not in response.headers.get("content-type", ""):
+                trace.fail("not_streaming", f"content-type {response.headers.get('content-type')!r}")
+                return
+            done = await _read_events(response, trace)
+        trace.end = time.perf_counter()
+        if trace.status != "pending":
+            return
+        if not trace.chunks:
+            trace.fail("no_output", "the stream ended without generated text")
+        elif not done:
+            trace.fail("incomplete_stream", "the stream ended without [DONE] or a finish_reason")
+        else:
+            trace.status = "ok"
+    except httpx.TimeoutException as exc:
+        trace.fail("timeout", f"{type(exc).__name__}: no data for {endpoint.timeout_s:g} s")
+    except httpx.ConnectError as exc:
+        trace.fail("connect_error", str(exc) or type(exc).__name__)
+    except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+        trace.fail("connection_dropped", str(exc) or type(exc).__name__)
+    except httpx.HTTPError as exc:
+        trace.fail("http_error", f"{type(exc).__name__}: {exc}")
+
+
+async def _read_events(response: httpx.Response, trace: Trace) -> bool:
+    """Read SSE `data:` lines to the end of the body (so the connection is kept alive for reuse);
+    True when the stream ended properly ([DONE] or a finish_reason)."""
+    finished = False
+    async for line in response.aiter_lines():
+        if not line.startswith("data:"):
+            continue  # blank separators, comments (": ping") and other SSE fields
+        data = line[5:].strip()
+        if data == "[DONE]":
+            finished = True
+            continue
+        now = time.perf_counter()
+        try:
+            event = json.loads(data)
+            choices = event.get("choices") or []
+        except (ValueError, AttributeError):
+            trace.fail("malformed_sse", f"not JSON: {data[:200]!r}")
+            return False
+        if event.get("usage"):
+            trace.usage = event["usage"]
+        for choice in choices:
+            piece = _text_of(choice)
+            if piece:
+                trace.chunks.append(now)
+            finished = finished or bool(choice.get("finish_reason"))
+    return finished
+
+
+def _text_of(choice: dict) -> str:
+    if "delta" in choice:
+        delta = choice["delta"] or {}
+        return (delta.get("content") or "") + (delta.get("reasoning_content") or "")
+    return choice.get("text") or ""
+
+
+POOL_SHARD = 32  # connections one client is expected to hold open
+
+
+def http_clients(max_in_flight: int, timeout_s: float) -> list[httpx.AsyncClient]:
+    """Clients that together never cap concurrency: each may open `max_in_flight` connections, so
+    none ever queues a request, and requests are spread round-robin over enough of them that each
+    pool stays near POOL_SHARD connections. httpcore scans its whole pool on every request event:
+    with one pool of ~500 connections that scan took most of the client's CPU (profiled)."""
+    limits = httpx.Limits(max_connections=max_in_flight, max_keepalive_connections=max_in_flight)
+    count = max(1, math.ceil(max_in_flight / POOL_SHARD))
+    return [httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(timeout_s)) for _ in range(count)]
