@@ -16,6 +16,7 @@ from kvbench.engine.memory import PhaseMemory
 from kvbench.engine.sampling import Sampler, SamplingConfig
 from kvbench.errors import KvbenchError
 from kvbench.models import LoadedModel
+from kvbench.reuse import RequestReuse, ReuseCache
 from kvbench.strategies.base import CacheStrategy
 
 
@@ -45,6 +46,7 @@ class GenerationResult:
     peak_mem_bytes: dict[str, int]  # phase -> bytes
     mem_kind: str
     notes: list[str] = field(default_factory=list)
+    reuse: RequestReuse | None = None  # what cross-request reuse did, when a reuse cache was given
 
     @property
     def batch_size(self) -> int:
@@ -83,10 +85,18 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tup
 
 @torch.inference_mode()
 def generate(
-    lm: LoadedModel, strategy: CacheStrategy, prompts: list[list[int]], config: GenerationConfig
+    lm: LoadedModel, strategy: CacheStrategy, prompts: list[list[int]], config: GenerationConfig,
+    reuse: ReuseCache | None = None,
 ) -> GenerationResult:
-    """Generate up to `config.max_new_tokens` tokens for each prompt with the strategy's cache."""
+    """Generate up to `config.max_new_tokens` tokens for each prompt with the strategy's cache.
+
+    With `reuse`, prefill takes what the reuse cache holds of the prompt and computes only the rest
+    (inside the timed region: lookup and loading count towards TTFT), and the prompt's exactly
+    computed blocks are stored after the request (outside it).
+    """
     check_prompts(lm, prompts, config.max_new_tokens)
+    if reuse is not None and (len(prompts) > 1 or strategy.name != "dynamic"):
+        raise KvbenchError("cross-request reuse runs one prompt at a time with the `dynamic` strategy")
     device, model = lm.device, lm.model
     eos = torch.tensor(lm.eos_token_ids if config.stop_at_eos else [], dtype=torch.long, device=device)
     pad_id = lm.eos_token_ids[0] if lm.eos_token_ids else 0
@@ -117,7 +127,11 @@ def generate(
     with strategy.attach(lm, cache), PhaseMemory(device) as memory:
         memory.phase("prefill")
         start = clock(device)
-        next_tokens = sampler(forward(ids, positions))
+        if reuse is None:
+            next_tokens = sampler(forward(ids, positions))
+        else:
+            logits, reused = reuse.prefill(cache, prompts[0])
+            next_tokens = sampler(logits)
         last_position = positions[:, -1:]
         while True:
             next_tokens = torch.where(finished, pad_id, next_tokens)
@@ -139,6 +153,8 @@ def generate(
                 logits = forward(ids, positions)
             next_tokens = sampler(logits)
 
+    if reuse is not None:
+        reuse.store_blocks(cache, prompts[0], reused.exact_until)
     return GenerationResult(
         tokens=_trim(torch.stack(generated, dim=1).tolist(), set(eos.tolist())),
         prompt_lengths=[len(p) for p in prompts],
@@ -147,6 +163,7 @@ def generate(
         peak_mem_bytes=dict(memory.peaks),
         mem_kind=memory.kind,
         notes=strategy.notes(device),
+        reuse=reused if reuse is not None else None,
     )
 
 

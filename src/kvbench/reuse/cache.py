@@ -1,0 +1,173 @@
+"""The reuse cache the engine consults: plan a prompt against the store, prefill only what is
+missing, and store the exactly computed blocks afterwards."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from kvbench.errors import KvbenchError
+from kvbench.reuse import assemble
+from kvbench.reuse.assemble import RECOMPUTE, Recompute
+from kvbench.reuse.blocks import Namespace, chain_keys, content_key
+from kvbench.reuse.plan import plan
+from kvbench.reuse.rope import Rerotator
+from kvbench.reuse.store import POLICIES, Block, DiskTier, RamTier, TieredStore
+
+MODES = ("prefix", "chunk")
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class ReuseConfig:
+    mode: str = "prefix"  # `prefix`: exact prefix hits only; `chunk`: also the same tokens anywhere
+    recompute: str = "selective"  # chunk hits: none | selective | cacheblend
+    block_size: int = 64
+    selective_tokens: int = 32
+    blend_fraction: float = 0.15
+    probe_layer: int = 1
+    ram_bytes: int = 2 * GiB
+    ram_policy: str = "lru"
+    ram_int8: bool = False  # store RAM blocks as int8 (lossy: hits become approximate)
+    disk_dir: str | None = None
+    disk_bytes: int | None = None
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise KvbenchError(f"unknown reuse mode {self.mode!r}; valid: {', '.join(MODES)}")
+        if self.recompute not in RECOMPUTE:
+            raise KvbenchError(f"unknown recompute strategy {self.recompute!r}; valid: {', '.join(RECOMPUTE)}")
+        if not isinstance(self.block_size, int) or self.block_size <= 0:
+            raise KvbenchError(f"block_size must be a positive number of tokens, got {self.block_size!r}")
+        if self.ram_policy not in POLICIES:
+            raise KvbenchError(f"unknown eviction policy {self.ram_policy!r}; valid: {', '.join(POLICIES)}")
+        if self.selective_tokens < 0:
+            raise KvbenchError(f"selective_tokens must be >= 0, got {self.selective_tokens}")
+        if not 0 < self.blend_fraction <= 1:
+            raise KvbenchError(f"blend_fraction must be in (0, 1], got {self.blend_fraction}")
+
+    @property
+    def recompute_plan(self) -> Recompute:
+        return Recompute(self.recompute, self.selective_tokens, self.blend_fraction, self.probe_layer)
+
+
+@dataclass
+class RequestReuse:
+    """What reuse did for one request (per request, never cumulative)."""
+
+    prompt_tokens: int
+    cached_tokens: int = 0  # taken from the store and not recomputed
+    exact_tokens: int = 0  # of those, exact prefix hits
+    recomputed_tokens: int = 0  # hit, but computed again (selective / cacheblend)
+    computed_tokens: int = 0  # run through the model in prefill
+    tier_tokens: dict[str, int] = field(default_factory=dict)  # hit tokens per tier
+    load_ms: float = 0.0  # lookup, reading and assembling the cached K/V (before the forward)
+    exact_until: int = 0  # positions before this were computed exactly (safe to store)
+
+    @property
+    def reuse_ratio(self) -> float:
+        return self.cached_tokens / self.prompt_tokens
+
+
+class ReuseCache:
+    """Cross-request KV reuse for one model: a tiered block store plus the logic to use it."""
+
+    def __init__(self, lm, config: ReuseConfig = ReuseConfig()):
+        self.lm, self.config = lm, config
+        self.ns = Namespace(lm.fingerprint, str(lm.dtype).removeprefix("torch."), config.block_size)
+        self.rerotator = Rerotator(lm.model) if config.mode == "chunk" else None
+        layers = lm.config.num_hidden_layers
+        if config.mode == "chunk" and config.recompute == "cacheblend" and not 1 <= config.probe_layer <= layers - 1:
+            raise KvbenchError(
+                f"probe_layer must be in [1, {layers - 1}] for this {layers}-layer model (layer 0's K/V "
+                "do not depend on context, so it cannot show deviation)"
+            )
+        block = self.block_bytes
+        if config.ram_bytes < block:
+            raise KvbenchError(
+                f"the RAM tier's budget ({config.ram_bytes} bytes) is too small for one block of "
+                f"{config.block_size} tokens ({block} bytes); raise ram_bytes or lower block_size"
+            )
+        disk = DiskTier(config.disk_dir, self.ns, config.disk_bytes) if config.disk_dir else None
+        self.store = TieredStore(RamTier(config.ram_bytes, config.ram_policy, config.ram_int8), disk)
+        self.requests = self.hits = self.approximate_hits = self.misses = 0
+
+    @property
+    def block_bytes(self) -> int:
+        c = self.lm.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        return c.num_hidden_layers * 2 * heads * self.config.block_size * head_dim * self.lm.dtype.itemsize
+
+    def prefill(self, cache, tokens: list[int]) -> tuple[torch.Tensor, RequestReuse]:
+        """Fill `cache` for `tokens` from the store plus computation; the last position's logits."""
+        started = time.perf_counter()
+        info = RequestReuse(prompt_tokens=len(tokens))
+        hits = plan(tokens, self.store, self.ns, chunk=self.config.mode == "chunk")
+        loaded, lossy = [], set()
+        for hit in hits:
+            found = self.store.get(hit.key)
+            if found is None:  # evicted or corrupt since planning: compute those tokens instead
+                continue
+            block, tier = found
+            loaded.append((hit, block))
+            info.tier_tokens[tier] = info.tier_tokens.get(tier, 0) + hit.length
+            if tier == "ram" and self.config.ram_int8:
+                lossy.add(hit.key)
+        kv = assemble.gather(loaded, self.rerotator, self.lm.device) if loaded else None
+        runs = assemble.approximate_runs(loaded, lossy)
+        recompute = self._recompute_positions(tokens, loaded, kv, runs)
+        info.exact_until = runs[0][0].start if runs else len(tokens)
+        hit_tokens = sum(h.length for h, _ in loaded)
+        info.recomputed_tokens = len(recompute)
+        info.cached_tokens = hit_tokens - len(recompute)
+        info.exact_tokens = sum(h.length for h, _ in loaded if h.exact and h.key not in lossy)
+        info.computed_tokens = len(tokens) - info.cached_tokens
+        info.load_ms = (time.perf_counter() - started) * 1e3
+        self.requests += 1
+        self.hits += len(loaded)
+        self.approximate_hits += sum(1 for h, _ in loaded if not h.exact or h.key in lossy)
+        self.misses += max(0, len(tokens) // self.config.block_size - len(loaded))
+        return assemble.prefill(self.lm, cache, tokens, loaded, kv, recompute), info
+
+    def _recompute_positions(self, tokens, loaded, kv, runs) -> torch.Tensor:
+        none = torch.zeros(0, dtype=torch.long)
+        if not runs or self.config.recompute == "none":
+            return none
+        if self.config.recompute == "selective":
+            return assemble.selective_positions(runs, self.config.selective_tokens)
+        covered = torch.cat([torch.arange(h.start, h.start + h.length) for h, _ in loaded])
+        ids = torch.tensor([tokens], dtype=torch.long, device=self.lm.device)
+        return assemble.blend_positions(self.lm, ids, covered, kv, runs, self.config.recompute_plan)
+
+    def store_blocks(self, cache, tokens: list[int], exact_until: int) -> int:
+        """Store every full block of `tokens` before `exact_until` that the store lacks; returns how many."""
+        bs = self.config.block_size
+        keys = chain_keys(tokens[:exact_until], self.ns)
+        new = [(i, k) for i, k in enumerate(keys) if k not in self.store]
+        if not new:
+            return 0
+        end = (new[-1][0] + 1) * bs
+        kv = torch.stack([torch.stack([layer.keys[0, :, :end], layer.values[0, :, :end]]) for layer in cache.layers])
+        kv = kv.to("cpu")
+        for i, key in new:
+            block_tokens = tuple(tokens[i * bs:(i + 1) * bs])
+            block = Block(kv[:, :, :, i * bs:(i + 1) * bs].clone(), i * bs, block_tokens, content_key(block_tokens, self.ns))
+            self.store.put(key, block)
+        return len(new)
+
+    def clear_ram(self) -> None:
+        """Empty the RAM tier (the disk tier keeps its files): the next request is cold unless on disk."""
+        ram = self.store.ram
+        self.store.ram = RamTier(ram.budget, ram.policy, ram.int8)
+        if self.store.disk is None:
+            self.store.by_content.clear()
+            self.store.by_fingerprint.clear()
+
+    def stats(self) -> dict:
+        """Counters since this cache was made: blocks hit (of which approximate) and missed over all
+        requests, and per tier its hits, misses, evictions, corrupt entries, bytes and blocks held."""
+        return {"requests": self.requests, "hits": self.hits, "approximate_hits": self.approximate_hits,
+                "misses": self.misses, "tiers": self.store.stats()}

@@ -1,0 +1,48 @@
+"""Move cached keys to new positions: RoPE is a rotation, so a key cached at position p becomes the
+key at position q by one more rotation of q - p, with the model's own rotary frequencies.
+
+Models whose positions cannot be moved this way (absolute or learned position embeddings, ALiBi,
+RoPE variants whose frequencies depend on the sequence length) are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvbench.errors import KvbenchError
+
+_LENGTH_DEPENDENT = {"dynamic", "longrope"}  # frequencies change with the sequence length
+
+
+class Rerotator:
+    """Re-rotates keys of shape [..., tokens, head_dim] by a whole number of positions."""
+
+    def __init__(self, model: torch.nn.Module):
+        rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
+        inv_freq = getattr(rotary, "inv_freq", None)
+        name = type(model).__name__
+        if inv_freq is None:
+            raise KvbenchError(
+                f"{name} has no rotary position embedding, so cached keys cannot be moved to new positions; "
+                "use reuse mode 'prefix' (exact prefix hits need no re-positioning)"
+            )
+        if getattr(rotary, "rope_type", "default") in _LENGTH_DEPENDENT:
+            raise KvbenchError(
+                f"{name} uses {rotary.rope_type!r} RoPE, whose frequencies depend on the sequence length; "
+                "cached keys cannot be moved exactly: use reuse mode 'prefix'"
+            )
+        self.inv_freq = inv_freq.detach().to(torch.float64)
+        self.rotary_dim = 2 * self.inv_freq.numel()
+
+    def shift(self, keys: torch.Tensor, delta: int) -> torch.Tensor:
+        """`keys` rotated by `delta` positions (a new tensor; `delta == 0` returns `keys` itself)."""
+        if delta == 0:
+            return keys
+        angles = delta * self.inv_freq  # float64: exact for any position a context window holds
+        cos = torch.cat([angles.cos(), angles.cos()]).to(device=keys.device, dtype=torch.float32)
+        sin = torch.cat([angles.sin(), angles.sin()]).to(device=keys.device, dtype=torch.float32)
+        rot, rest = keys[..., :self.rotary_dim].float(), keys[..., self.rotary_dim:]
+        half = self.rotary_dim // 2
+        rotated_half = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+        moved = (rot * cos + rotated_half * sin).to(keys.dtype)
+        return moved if rest.shape[-1] == 0 else torch.cat([moved, rest], dim=-1)
