@@ -212,7 +212,10 @@ def cmd_run(args) -> int:
     from kvbench.bench.runner import RunOptions, run_suite
     from kvbench.bench.spec import load_suite
 
-    spec = load_suite(args.suite).resolved(args.quick).with_overrides(
+    spec = load_suite(args.suite)
+    if getattr(spec, "kind", None) in ("reuse", "traffic"):
+        return _run_reuse(spec, args)
+    spec = spec.resolved(args.quick).with_overrides(
         model=args.model, models=() if args.model else None, device=args.device, dtype=args.dtype,
         trials=args.trials, warmup=args.warmup,
         strategies=[s.strip() for s in args.strategies.split(",") if s.strip()] if args.strategies else None,
@@ -238,9 +241,39 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _run_reuse(spec, args) -> int:
+    from kvbench.bench.reuse_report import write_reuse_report
+    from kvbench.bench.reuse_runner import run_reuse_suite
+    from kvbench.bench.reuse_spec import resolved
+    from kvbench.bench.runner import RunOptions
+
+    if args.strategies or args.warmup is not None:
+        raise KvbenchError(f"suite {spec.name!r} is a {spec.kind} suite: it takes no --strategies or --warmup")
+    spec = resolved(spec, args.quick, model=args.model, device=args.device, dtype=args.dtype, trials=args.trials)
+    if args.dry_run:
+        print(f"{spec.name}: {len(spec.points())} request sequences x {spec.trials} trials on {spec.model}")
+        for point in spec.points():
+            print(f"  {point.key}")
+        return 0
+    out = args.out or Path("results") / spec.name
+    _quiet_transformers()
+    outcome = run_reuse_suite(spec, RunOptions(out=out, resume=args.resume, progress=not args.no_progress))
+    report = write_reuse_report(out)
+    resumed = f", {outcome.skipped} already measured" if outcome.skipped else ""
+    print(f"{spec.name}: {outcome.measured} request sequences measured{resumed}")
+    print(f"report: {report}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from kvbench.bench.report import one_line_summary, write_report
     from kvbench.clients.run import is_load_run
+
+    if _is_reuse_run(args.out):
+        from kvbench.bench.reuse_report import write_reuse_report
+
+        print(f"report: {write_reuse_report(args.out)}")
+        return 0
 
     if is_load_run(args.out):
         from kvbench.clients.report import one_line, write_load_report
@@ -253,6 +286,13 @@ def cmd_report(args) -> int:
     print(one_line_summary(args.out))
     print(f"report: {report}")
     return 0
+
+
+def _is_reuse_run(out: Path) -> bool:
+    import json
+
+    info = out / "run.json"
+    return info.exists() and json.loads(info.read_text()).get("kind") in ("reuse", "traffic")
 
 
 def load_config(args) -> LoadConfig:

@@ -225,4 +225,8 @@ def load_suite(name_or_path: str) -> SuiteSpec:
         raise KvbenchError(f"suite {name_or_path!r} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise KvbenchError(f"suite {name_or_path!r} must be a YAML mapping")
+    if data.get("kind") in ("reuse", "traffic"):
+        from kvbench.bench.reuse_spec import spec_from_dict
+
+        return spec_from_dict(data)
     return from_dict(data)

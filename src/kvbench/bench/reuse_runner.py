@@ -1,0 +1,184 @@
+"""Run the reuse suites: sequences of requests against a fresh reuse cache, one record per request.
+
+Cold requests are cold: every sequence gets a new, empty cache (and, for the disk tier, a new
+directory), and the kernel warmup at model load uses no reuse cache at all. A sequence's records
+are appended together when it ends, so a killed run resumes at the first unfinished sequence and
+nothing half-measured is kept. Hit figures are per request (`cached_tokens`), never cumulative.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import asdict
+
+import numpy as np
+from tqdm import tqdm
+
+from kvbench.bench.environment import describe
+from kvbench.bench.metrics import request_timing
+from kvbench.bench.records import RESULTS, RUN_INFO, ResultsWriter, atomic_write_text, read_records
+from kvbench.bench.reuse_spec import STREAMS, ReusePoint, ReuseSuiteSpec, TrafficSuiteSpec, digest, parse_mode, to_dict
+from kvbench.bench.reuse_workloads import Texts, build, document_pool
+from kvbench.bench.runner import RunOptions, RunOutcome, prepare_out_dir
+from kvbench.device import resolve_device
+from kvbench.engine import GenerationConfig, GenerationResult, generate
+from kvbench.engine.reuse import prefill_floor_ms
+from kvbench.errors import KvbenchError
+from kvbench.models import LoadedModel, load_model
+from kvbench.reuse import ReuseCache, ReuseConfig
+from kvbench.strategies import build_strategy
+
+
+def run_reuse_suite(spec: ReuseSuiteSpec | TrafficSuiteSpec, options: RunOptions, lm: LoadedModel | None = None) -> RunOutcome:
+    out = prepare_out_dir(options.out)
+    results_path = out / RESULTS
+    existing: list[dict] = []
+    if results_path.exists() and results_path.stat().st_size > 0:
+        if not options.resume:
+            raise KvbenchError(f"{out} already holds results; pass --resume to continue that run, or choose another --out")
+        existing = read_records(results_path)
+        previous = json.loads((out / RUN_INFO).read_text()).get("spec_digest") if (out / RUN_INFO).exists() else None
+        if previous and previous != digest(spec):
+            raise KvbenchError(f"{out} holds results of a different sweep (spec changed since); choose another --out")
+    done = {(r["point"], r["trial"]) for r in existing}
+    todo = [(p, t) for t in range(spec.trials) for p in spec.points() if (p.key, t) not in done]
+    lm = lm or load_model(spec.model, spec.device, spec.dtype)
+    info = {"suite": spec.name, "kind": spec.kind, "spec": to_dict(spec), "spec_digest": digest(spec),
+            "environment": describe(resolve_device(spec.device)),
+            "models": {lm.name: {"fingerprint": lm.fingerprint, "dtype": str(lm.dtype).removeprefix("torch."),
+                                 "weight_bytes": lm.weight_bytes}},
+            "notes": [], "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    atomic_write_text(out / RUN_INFO, json.dumps(info, indent=2) + "\n")
+    texts = Texts(lm, spec.seed)
+    _warm_kernels(lm)
+    references = {(r["workload"], r["trial"], r["request_index"]): r["output_ids"]
+                  for r in existing if r["reuse_mode"] == "none"}
+    measure = _ReuseSequences(spec, lm, texts, references) if spec.kind == "reuse" else _TrafficStreams(spec, lm, texts)
+    with ResultsWriter(results_path) as writer, tqdm(total=len(todo), desc=spec.name, unit="seq",
+                                                     disable=not options.progress) as bar:
+        for point, trial in todo:
+            bar.set_postfix_str(point.key)
+            for record in measure(point, trial):
+                writer.append(record)
+            bar.update()
+    return RunOutcome(out, len(todo), spec.trials * len(spec.points()) - len(todo), ())
+
+
+def _warm_kernels(lm: LoadedModel) -> None:
+    """One untimed generation without reuse, so first-call costs land on no measured request."""
+    ids = list(range(16, 16 + 96))
+    generate(lm, build_strategy("dynamic"), [ids], GenerationConfig(max_new_tokens=4, stop_at_eos=False))
+
+
+def _base_record(spec, lm: LoadedModel, point: ReusePoint, trial: int, index: int, ids: list[int],
+                 result: GenerationResult) -> dict:
+    reuse_mode, recompute = parse_mode(point.mode)
+    reuse = result.reuse
+    return {
+        "suite": spec.name, "point": point.key, "workload": point.workload, "reuse_mode": reuse_mode,
+        "recompute": recompute, "tier": point.tier, "trial": trial, "warmup": False, "request_index": index,
+        "model": lm.name, "model_fingerprint": lm.fingerprint, "device": str(lm.device),
+        "dtype": str(lm.dtype).removeprefix("torch."), "prompt_tokens": len(ids),
+        "output_tokens": result.output_tokens, "max_new_tokens": result.output_tokens,
+        **asdict(request_timing(result.step_times_s)),
+        "cached_tokens": reuse.cached_tokens if reuse else 0,
+        "reuse_ratio": reuse.reuse_ratio if reuse else 0.0,
+        "exact_tokens": reuse.exact_tokens if reuse else 0,
+        "recomputed_tokens": reuse.recomputed_tokens if reuse else 0,
+        "computed_tokens": reuse.computed_tokens if reuse else len(ids),
+        "tier_tokens": reuse.tier_tokens if reuse else {},
+        "load_ms": reuse.load_ms if reuse else None,
+        "kv_cache_bytes": result.kv_cache_bytes,
+        "peak_mem_bytes": max(result.peak_mem_bytes.values()), "mem_kind": result.mem_kind,
+        "output_ids": result.tokens[0], "time": time.time(),
+    }
+
+
+def _cache(lm, spec, mode: str, disk_dir: str | None, **extra) -> ReuseCache:
+    reuse_mode, recompute = parse_mode(mode)
+    return ReuseCache(lm, ReuseConfig(
+        mode=reuse_mode, recompute=recompute or "none", block_size=spec.block_size, disk_dir=disk_dir,
+        **{k: getattr(spec, k) for k in ("selective_tokens", "blend_fraction") if hasattr(spec, k)}, **extra,
+    ))
+
+
+class _ReuseSequences:
+    def __init__(self, spec: ReuseSuiteSpec, lm, texts, references: dict):
+        self.spec, self.lm, self.texts, self.references = spec, lm, texts, references
+        self.dynamic = build_strategy("dynamic")
+        self.config = GenerationConfig(max_new_tokens=spec.output_tokens, stop_at_eos=False)
+
+    def __call__(self, point: ReusePoint, trial: int) -> list[dict]:
+        count = self.spec.turns if point.workload == "multi-turn" else self.spec.requests
+        requests = build(point.workload, self.texts, count)
+        if point.mode == "none":
+            return [self._record(point, trial, i, r, generate(self.lm, self.dynamic, [r.ids], self.config))
+                    for i, r in enumerate(requests)]
+        with tempfile.TemporaryDirectory(prefix="kvbench-disk-tier-") as disk_dir:
+            cache = _cache(self.lm, self.spec, point.mode, disk_dir if point.tier == "disk" else None)
+            records = []
+            for i, request in enumerate(requests):
+                if point.tier == "disk":
+                    cache.clear_ram()  # every hit then comes from disk
+                result = generate(self.lm, self.dynamic, [request.ids], self.config, reuse=cache)
+                record = self._record(point, trial, i, request, result)
+                if point.mode == "prefix" and result.reuse.cached_tokens:
+                    record["floor_ms"] = prefill_floor_ms(self.lm, request.ids, result.reuse.cached_tokens)
+                records.append(record)
+            return records
+
+    def _record(self, point, trial, index, request, result) -> dict:
+        record = _base_record(self.spec, self.lm, point, trial, index, request.ids, result)
+        key = (point.workload, trial, index)
+        if point.mode == "none":
+            self.references[key] = result.tokens[0]
+        reference = self.references.get(key)
+        record.update(turn=request.turn, floor_ms=None,
+                      greedy_match=None if reference is None else result.tokens[0] == reference)
+        return record
+
+
+class _TrafficStreams:
+    """Each stream sends `requests` requests, a document of the pool plus a fresh question, in the
+    stream's order; RAM holds `ram_documents` documents' worth of blocks, the disk tier the rest."""
+
+    def __init__(self, spec: TrafficSuiteSpec, lm, texts):
+        self.spec, self.lm, self.texts = spec, lm, texts
+        self.pool = document_pool(texts, spec.documents, spec.document_tokens)
+        self.dynamic = build_strategy("dynamic")
+        self.config = GenerationConfig(max_new_tokens=spec.output_tokens, stop_at_eos=False)
+
+    def order(self, stream: str, trial: int) -> list[int]:
+        s = self.spec
+        rng = np.random.default_rng([s.seed, trial, STREAMS.index(stream)])
+        if stream == "uniform":
+            return rng.integers(0, s.documents, s.requests).tolist()
+        if stream == "zipf":
+            weights = 1.0 / np.arange(1, s.documents + 1) ** s.zipf_s
+            return rng.choice(s.documents, s.requests, p=weights / weights.sum()).tolist()
+        order: list[int] = []
+        for _ in range(s.requests):
+            recent = list(dict.fromkeys(reversed(order)))[:s.window]
+            order.append(int(rng.choice(recent)) if recent and rng.random() < s.locality else int(rng.integers(s.documents)))
+        return order
+
+    def __call__(self, point: ReusePoint, trial: int) -> list[dict]:
+        s = self.spec
+        with tempfile.TemporaryDirectory(prefix="kvbench-disk-tier-") as disk_dir:
+            probe = _cache(self.lm, s, "prefix", None)
+            blocks_per_doc = -(-(s.document_tokens + 2) // s.block_size)
+            ram = int(s.ram_documents * blocks_per_doc * probe.block_bytes)
+            cache = _cache(self.lm, s, "prefix", disk_dir if s.disk else None, ram_bytes=ram)
+            records = []
+            for i, doc in enumerate(self.order(point.workload, trial)):
+                ids = self.pool[doc] + self.texts.encode("\n\nQ: ") + self.texts.prose(8, 10_000 + 97 * trial + i)
+                result = generate(self.lm, self.dynamic, [ids], self.config, reuse=cache)
+                record = _base_record(s, self.lm, point, trial, i, ids, result)
+                tiers = cache.stats()["tiers"]
+                record.update(stream=point.workload, document=doc, hit=result.reuse.cached_tokens > 0,
+                              ram_bytes=tiers["ram"]["bytes"], disk_bytes=tiers.get("disk", {}).get("bytes", 0),
+                              evictions=tiers["ram"]["evictions"])
+                records.append(record)
+            return records

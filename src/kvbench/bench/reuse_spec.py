@@ -1,0 +1,168 @@
+"""Specs of the reuse suites (`kind: reuse` and `kind: traffic` in a suite file).
+
+`reuse`: workloads x modes, each a sequence of requests that re-send the same context; request 0 is
+cold. Modes: `none` (no reuse, the reference for greedy match and cold TTFT), `prefix`, and
+`chunk:<recompute>` with recompute `none`, `selective` or `cacheblend`. `break_even` lengths add
+`break-even-N` sequences measured from each of `tiers` (ram, disk).
+
+`traffic`: request streams (uniform, Zipf, temporal locality) over a pool of documents, with a RAM
+tier too small for the whole pool, so hit rate and memory move with the stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvbench.bench.reuse_workloads import check_workload
+from kvbench.errors import KvbenchError
+from kvbench.models import EMBEDDED
+from kvbench.reuse.assemble import RECOMPUTE
+
+TIERS = ("ram", "disk")
+STREAMS = ("uniform", "zipf", "temporal")
+
+
+def parse_mode(mode: str) -> tuple[str, str | None]:
+    """`none` | `prefix` | `chunk:<recompute>` -> (reuse_mode, recompute)."""
+    base, _, recompute = mode.partition(":")
+    if base in ("none", "prefix") and not recompute:
+        return base, None
+    if base == "chunk" and recompute in RECOMPUTE:
+        return base, recompute
+    raise KvbenchError(
+        f"unknown reuse mode {mode!r}; valid: none, prefix, {', '.join('chunk:' + r for r in RECOMPUTE)}"
+    )
+
+
+@dataclass(frozen=True)
+class ReusePoint:
+    workload: str
+    mode: str  # as written in the spec: none, prefix, chunk:selective...
+    tier: str = "ram"
+
+    @property
+    def key(self) -> str:
+        return f"{self.workload}/{self.mode}/{self.tier}"
+
+
+@dataclass(frozen=True)
+class ReuseSuiteSpec:
+    name: str
+    kind: str = "reuse"
+    description: str = ""
+    model: str = EMBEDDED
+    device: str = "auto"
+    dtype: str = "auto"
+    workloads: tuple[str, ...] = ("system-prompt",)
+    modes: tuple[str, ...] = ("none", "prefix")
+    requests: int = 4  # per sequence, the cold one included
+    turns: int = 8  # multi-turn: requests of its sequence
+    output_tokens: int = 32
+    block_size: int = 64
+    selective_tokens: int = 32
+    blend_fraction: float = 0.15
+    break_even: tuple[int, ...] = ()  # document lengths for the tier break-even sequences
+    tiers: tuple[str, ...] = ("ram", "disk")
+    trials: int = 1
+    seed: int = 0
+    quick: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        for w in self.workloads:
+            check_workload(w)
+        for m in self.modes:
+            parse_mode(m)
+        if "none" not in self.modes:
+            raise KvbenchError("a reuse suite needs mode `none`: it is the reference for speedup and greedy match")
+        bad = [t for t in self.tiers if t not in TIERS]
+        if bad:
+            raise KvbenchError(f"unknown tier(s) {bad}; valid: {', '.join(TIERS)}")
+        for name in ("requests", "turns", "output_tokens", "block_size", "trials"):
+            if getattr(self, name) < 1:
+                raise KvbenchError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.requests < 2:
+            raise KvbenchError("requests must be >= 2: one cold request and at least one warm one")
+        if any(n < 1 for n in self.break_even):
+            raise KvbenchError(f"break_even lengths must be positive, got {list(self.break_even)}")
+
+    def points(self) -> list[ReusePoint]:
+        """Per workload: `none` first (the reference), then each reuse mode from RAM; then the
+        break-even sequences from every tier."""
+        ordered = ["none"] + [m for m in self.modes if m != "none"]
+        out = [ReusePoint(w, m, "ram" if m != "none" else "-") for w in self.workloads for m in ordered]
+        for n in self.break_even:
+            out.append(ReusePoint(f"break-even-{n}", "none", "-"))
+            out += [ReusePoint(f"break-even-{n}", "prefix", t) for t in self.tiers]
+        return out
+
+
+@dataclass(frozen=True)
+class TrafficSuiteSpec:
+    name: str
+    kind: str = "traffic"
+    description: str = ""
+    model: str = EMBEDDED
+    device: str = "auto"
+    dtype: str = "auto"
+    streams: tuple[str, ...] = STREAMS
+    documents: int = 12
+    document_tokens: int = 256
+    requests: int = 48
+    zipf_s: float = 1.2
+    locality: float = 0.8  # temporal: chance to re-send one of the last `window` documents
+    window: int = 3
+    ram_documents: float = 4  # RAM budget in documents' worth of blocks
+    disk: bool = True
+    output_tokens: int = 1
+    block_size: int = 64
+    trials: int = 1
+    seed: int = 0
+    quick: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        bad = [s for s in self.streams if s not in STREAMS]
+        if bad:
+            raise KvbenchError(f"unknown stream(s) {bad}; valid: {', '.join(STREAMS)}")
+        for name in ("documents", "document_tokens", "requests", "output_tokens", "block_size", "trials", "window"):
+            if getattr(self, name) < 1:
+                raise KvbenchError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.ram_documents <= 0 or not 0 <= self.locality <= 1 or self.zipf_s <= 0:
+            raise KvbenchError("ram_documents and zipf_s must be > 0 and locality in [0, 1]")
+
+    def points(self) -> list[ReusePoint]:
+        return [ReusePoint(s, "prefix", "ram+disk" if self.disk else "ram") for s in self.streams]
+
+
+def spec_from_dict(data: dict) -> ReuseSuiteSpec | TrafficSuiteSpec:
+    cls = ReuseSuiteSpec if data.get("kind") == "reuse" else TrafficSuiteSpec
+    valid = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - valid
+    if unknown:
+        raise KvbenchError(f"unknown {cls.__name__} key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(valid))}")
+    if "name" not in data:
+        raise KvbenchError("a suite needs a name")
+    data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return cls(**data)
+
+
+def to_dict(spec) -> dict:
+    return {f.name: list(v) if isinstance(v := getattr(spec, f.name), tuple) else v for f in dataclasses.fields(spec)}
+
+
+def resolved(spec, quick: bool, **overrides: Any):
+    data = to_dict(spec)
+    if quick:
+        data.update(spec.quick)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return spec_from_dict(data)
+
+
+def digest(spec) -> str:
+    d = to_dict(spec)
+    for key in ("trials", "quick", "description"):
+        d.pop(key)
+    return hashlib.blake2b(json.dumps(d, sort_keys=True).encode(), digest_size=8).hexdigest()
