@@ -1,6 +1,7 @@
 """The load client against the in-process fake server: faults, open-loop sends, CLI errors, partial runs."""
 
 import asyncio
+import contextlib
 import json
 import signal
 import subprocess
@@ -8,14 +9,16 @@ import sys
 import time
 
 import pytest
+from jinja2 import TemplateError
 
 from kvbench.bench.records import read_records
 from kvbench.cli import build_parser, load_config, main
 from kvbench.clients.fake import FakeConfig, FakeServer
 from kvbench.clients.loadgen import run_load
+from kvbench.clients.report import write_load_report
 from kvbench.clients.run import LoadConfig
-from kvbench.clients.stream import Endpoint, http_clients
-from kvbench.clients.workloads import LoadWorkload, Request
+from kvbench.clients.stream import Endpoint, Trace, http_clients
+from kvbench.clients.workloads import LoadWorkload, Request, load_tokenizer
 
 FAULTS = ("slow_first", "http_500", "malformed", "drop", "stall", "no_usage")
 
@@ -30,9 +33,10 @@ def requests(*prompts, max_tokens=5):
     return [Request(i, ({"role": "user", "content": p},), max_tokens) for i, p in enumerate(prompts)]
 
 
-def run(url, reqs, schedule, kind="completions", timeout_s=30.0, max_concurrency=None):
+def run(url, reqs, schedule, kind="completions", timeout_s=30.0, max_concurrency=None, tokenizer=None):
     records = []
-    asyncio.run(run_load(Endpoint(url, "fake-model", kind, timeout_s), reqs, schedule, records.append, max_concurrency))
+    asyncio.run(run_load(Endpoint(url, "fake-model", kind, timeout_s), reqs, schedule, records.append, max_concurrency,
+                         tokenizer))
     return sorted(records, key=lambda r: r["index"])
 
 
@@ -59,6 +63,84 @@ def test_every_fault_is_recorded_with_its_reason_and_the_run_goes_on(kind):
     assert "injected failure" in by["a [[fault:http_500]]"]["error"]
     no_usage = by["a [[fault:no_usage]]"]
     assert no_usage["usage_source"] == "client" and no_usage["output_tokens"] == 5 and no_usage["prompt_tokens"] is None
+
+
+@pytest.mark.parametrize("kind", ["completions", "chat"])
+def test_error_events_in_the_stream_fail_the_request_with_the_server_message(kind):
+    with FakeServer() as url:
+        after_text, before_text = run(url, requests("a [[fault:error]]", "b [[fault:error_first]]"), [0.0] * 2, kind)
+    assert after_text["status"] == before_text["status"] == "server_error"
+    assert after_text["error"] == "injected mid-stream error" and after_text["ttft_ms"] is not None
+    assert before_text["error"] == "injected error before any token" and before_text["ttft_ms"] is None
+
+
+def test_json_of_an_unexpected_shape_is_malformed_and_the_run_goes_on():
+    prompts = [f"a [[fault:{f}]]" for f in ("bad_choices", "bad_choice", "bad_delta", "bad_usage")] + ["fine"]
+    with FakeServer() as url:
+        records = run(url, requests(*prompts), [0.0] * len(prompts))
+    assert [r["status"] for r in records] == ["malformed_sse"] * 4 + ["ok"]
+    assert "not a list of objects" in records[0]["error"] and "usage is not an object" in records[3]["error"]
+
+
+def test_an_unexpected_client_exception_fails_only_its_request():
+    unsendable = Request(0, ({"role": "user", "content": object()},), 5)
+    with FakeServer() as url:
+        failed, fine = run(url, [unsendable, requests("x", "fine")[1]], [0.0] * 2, "chat")
+    assert failed["status"] == "client_error: TypeError" and "not JSON serializable" in failed["error"]
+    assert fine["status"] == "ok"
+
+
+def test_client_prompt_counts_of_chat_requests_go_through_the_chat_template():
+    tok = load_tokenizer("smollm2-135m")
+    reqs = requests("hello there [[fault:no_usage]]")
+    with FakeServer() as url:
+        chat, completions = [run(url, reqs, [0.0], kind, tokenizer=tok)[0] for kind in ("chat", "completions")]
+    templated = tok.apply_chat_template(list(reqs[0].messages), add_generation_prompt=True, tokenize=True)["input_ids"]
+    assert chat["usage_source"] == completions["usage_source"] == "client"
+    assert chat["prompt_tokens"] == len(templated)
+    assert completions["prompt_tokens"] == len(tok.encode(reqs[0].prompt, add_special_tokens=False)) < len(templated)
+
+
+class WordTokenizer:
+    """One token per word; its chat template gives a plain list (older transformers) and rejects a
+    conversation that does not start with a user turn, as many templates do."""
+
+    chat_template = "{{ messages }}"
+
+    def encode(self, text, add_special_tokens=True):
+        return text.split()
+
+    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=False):
+        if messages[0]["role"] != "user":
+            raise TemplateError("Conversation roles must alternate user/assistant/user/assistant/...")
+        return ["<user>", *self.encode(messages[0]["content"]), "<assistant>"]
+
+
+def test_chat_template_counts_from_a_list_and_the_text_when_the_template_rejects_the_conversation():
+    def count(*messages):
+        return Trace(Request(0, messages, 5), 0.0, 0.0).record(WordTokenizer(), chat=True)["prompt_tokens"]
+
+    assert count({"role": "user", "content": "one two"}) == 4
+    assert count({"role": "assistant", "content": "one"}, {"role": "user", "content": "two"}) == 2
+
+
+def test_requests_cancelled_waiting_for_a_slot_are_not_counted_as_sent(tmp_path):
+    records = []
+
+    async def interrupted(url):
+        load = run_load(Endpoint(url, "fake-model"), requests("a", "b", "c"), [0.0] * 3, records.append, 1)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(load, 0.3)
+
+    with FakeServer(FakeConfig(token_delay_s=0.2)) as url:
+        asyncio.run(interrupted(url))
+    assert [r["status"] for r in records] == ["interrupted"] * 3
+    assert sorted(r["sent_s"] is not None for r in records) == [False, False, True]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.jsonl").write_text("".join(json.dumps({"request_rate": "inf", **r}) + "\n" for r in records))
+    (out / "run.json").write_text(json.dumps({"kind": "load", "partial": True, "points": {"inf": {"planned": 3}}}))
+    assert "| inf | 0 / 1 / 3 |" in write_load_report(out).read_text()
 
 
 def test_sends_follow_the_schedule_not_the_completions():
@@ -129,6 +211,48 @@ def test_bad_input_gives_one_line_errors(argv, message, tmp_path, capsys):
         assert main(["load", *argv, *workload, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert message in err and err.startswith("kvbench: error:") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--request-rate", "2", "--duration", "0"], "duration must be a finite number > 0 seconds, got 0.0"),
+    (["--request-rate", "2", "--duration", "-1"], "duration must be a finite number > 0 seconds, got -1.0"),
+    (["--request-rate", "2", "--duration", "nan"], "duration must be a finite number > 0 seconds, got nan"),
+    (["--duration", "5"], "--duration needs a finite --request-rate"),
+    (["--workload", "{tmp}/missing.jsonl"], "cannot read workload file"),
+])
+def test_config_errors_are_reported_before_the_server_is_probed(argv, message, tmp_path, capsys):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    workload = [] if "--workload" in argv else ["--workload", str(conversations(tmp_path, ["hi"]))]
+    # nothing listens at the URL: probing it first would end in "cannot reach"
+    assert main(["load", "--url", "http://127.0.0.1:9/v1", *argv, *workload, "--out", str(tmp_path / "o"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "cannot reach" not in err
+
+
+def test_summary_json_is_strict_json_with_null_for_statistics_without_samples(tmp_path):
+    path = conversations(tmp_path, ["x [[fault:http_500]]"])
+    out = tmp_path / "out"
+    with FakeServer() as url:
+        assert main(["load", "--url", url, "--workload", str(path), "--out", str(out), "--no-progress"]) == 0
+
+    def reject(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    point = json.loads((out / "summary.json").read_text(), parse_constant=reject)["points"]["inf"]
+    assert point["failed"] == 1 and point["ttft_ms.p50"] is None and point["request_throughput"] == 0.0
+
+
+def test_ctrl_c_before_any_request_was_sent_reports_nothing(tmp_path, capsys, monkeypatch):
+    async def ctrl_c_during_the_probe(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("kvbench.clients.run.check_server", ctrl_c_during_the_probe)
+    path = conversations(tmp_path, ["hi"])
+    with FakeServer() as url:
+        code = main(["load", "--url", url, "--workload", str(path), "--out", str(tmp_path / "o"), "--no-progress"])
+    assert code == 130
+    assert capsys.readouterr().err == "kvbench: interrupted before any request was sent; nothing to report\n"
 
 
 def test_a_server_that_does_not_stream_is_refused(tmp_path, capsys):

@@ -318,6 +318,7 @@ def load_config(args) -> LoadConfig:
 
 
 def cmd_load(args) -> int:
+    from kvbench.bench.records import RESULTS, read_records
     from kvbench.clients.report import one_line, write_load_report
     from kvbench.clients.run import run_load_config
 
@@ -328,6 +329,9 @@ def cmd_load(args) -> int:
     try:
         outcome = run_load_config(config, out, progress=not args.no_progress)
     except KeyboardInterrupt:
+        if not read_records(out / RESULTS, strict=False):  # Ctrl-C came before the first send
+            print("kvbench: interrupted before any request was sent; nothing to report", file=sys.stderr)
+            return 130
         report = write_load_report(out)
         print(f"kvbench: interrupted; the requests already measured are in {out}; partial report: {report}",
               file=sys.stderr)

@@ -53,7 +53,7 @@ def meets_slo(record: dict, slo: dict[str, float]) -> bool:
 
 
 def aggregate(records: list[dict], slo: dict[str, float] | None = None) -> dict[str, float | int | dict]:
-    """Flat aggregates: `requests`, `completed`, `failed`, `failures`, `duration_s`, throughputs,
+    """Flat aggregates: `requests`, `sent`, `completed`, `failed`, `failures`, `duration_s`, throughputs,
     `goodput`, and `<latency>.<stat>` for each latency in LATENCIES (e.g. `ttft_ms.p99`)."""
     ok = [r for r in records if r["status"] == "ok"]
     ends = [r["end_s"] for r in records if r.get("end_s") is not None]
@@ -64,6 +64,7 @@ def aggregate(records: list[dict], slo: dict[str, float] | None = None) -> dict[
     output = sum(r["output_tokens"] for r in ok)
     out: dict = {
         "requests": len(records),
+        "sent": sum(r.get("sent_s") is not None for r in records),  # not those cancelled waiting for a slot
         "completed": len(ok),
         "failed": len(records) - len(ok),
         "failures": dict(Counter(r["status"] for r in records if r["status"] != "ok")),

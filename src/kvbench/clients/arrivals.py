@@ -41,8 +41,8 @@ class Arrivals:
         """Every send time before `duration_s`; needs a finite rate."""
         if math.isinf(self.rate):
             raise KvbenchError("--duration needs a finite --request-rate; with rate inf give --num-requests")
-        if duration_s <= 0:
-            raise KvbenchError(f"duration must be > 0 seconds, got {duration_s}")
+        if not 0 < duration_s < math.inf:
+            raise KvbenchError(f"duration must be a finite number > 0 seconds, got {duration_s}")
         times = [0.0]
         rng = np.random.default_rng(self.seed)
         while True:  # draws in blocks; ends because every gap is > 0 with probability 1

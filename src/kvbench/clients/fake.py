@@ -7,6 +7,11 @@ chunk when `stream_options.include_usage` asks for one. Token counts are words. 
 
 - `slow_first`: the first text chunk comes `slow_first_s` late (the role chunk of chat comes at once);
 - `http_500`: a 500 answer; `malformed`: a data line that is not JSON after the first token;
+- `bad_choices`, `bad_choice`, `bad_delta`, `bad_usage`: after the first token, valid JSON of the
+  wrong shape (choices not a list, a choice or a delta not an object, usage not an object);
+- `error`: after the first token, an error event (`{"error": {...}}`) then [DONE], as vLLM and SGLang
+  send when generation fails mid-stream; `error_first`: the same before any token, in older vLLM's
+  form (`{"object": "error", ...}`);
 - `drop`: the connection is closed mid-stream; `stall`: silence for `stall_s` after the first token;
 - `no_usage`: no usage chunk.
 `streaming=False` makes the whole server answer with plain JSON (a server that cannot stream).
@@ -23,6 +28,18 @@ import threading
 from dataclasses import dataclass
 
 FAULT = re.compile(r"\[\[fault:(\w+)\]\]")
+BAD_LINES = {  # fault -> the data line sent in place of the second token
+    "malformed": b"data: {not json\n\n",
+    "bad_choices": b'data: {"choices": "oops"}\n\n',
+    "bad_choice": b'data: {"choices": ["oops"]}\n\n',
+    "bad_delta": b'data: {"choices": [{"index": 0, "delta": "oops"}]}\n\n',
+    "bad_usage": b'data: {"choices": [], "usage": "oops"}\n\n',
+}
+ERRORS = {  # fault -> (the token it replaces, the event)
+    "error": (1, {"error": {"message": "injected mid-stream error", "type": "InternalServerError", "code": 500}}),
+    "error_first": (0, {"object": "error", "message": "injected error before any token", "type": "BadRequestError",
+                        "code": 400}),
+}
 
 
 @dataclass
@@ -166,7 +183,11 @@ class FakeServer:
             if fault == "drop" and i == min(2, n - 1):
                 writer.transport.abort()
                 return False
-            writer.write(_chunk(b"data: {not json\n\n" if fault == "malformed" and i == 1 else event(" tok")))
+            if fault in ERRORS and i == ERRORS[fault][0]:
+                writer.write(_chunk(_sse(ERRORS[fault][1])) + _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+                await writer.drain()
+                return True
+            writer.write(_chunk(BAD_LINES[fault] if fault in BAD_LINES and i == 1 else event(" tok")))
             await writer.drain()
         writer.write(_chunk(event(None, finish="length")))
         if (body.get("stream_options") or {}).get("include_usage") and fault != "no_usage":

@@ -44,7 +44,7 @@ async def run_load(
                 trace.fail("interrupted", "the run was interrupted before this request ended")
                 raise
             finally:
-                on_record(trace.record(tokenizer))
+                on_record(trace.record(tokenizer, chat=endpoint.kind == "chat"))
 
         tasks = []
         try:

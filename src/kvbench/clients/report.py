@@ -35,7 +35,7 @@ def summarize_run(out: Path) -> dict:
 
 def write_load_report(out: Path) -> Path:
     summary = summarize_run(out)
-    atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2, allow_nan=True))
+    atomic_write_text(out / SUMMARY, json.dumps(_null_non_finite(summary), indent=2, allow_nan=False))
     path = out / "report.md"
     atomic_write_text(path, render(_info(out), summary))
     return path
@@ -47,6 +47,15 @@ def one_line(out: Path) -> str:
              f"TTFT p50 {_f(p['ttft_ms.p50'])} ms, TPOT p50 {_f(p['tpot_ms.p50'], 2)} ms"
              for label, p in summary["points"].items()]
     return ("PARTIAL (interrupted) " if summary["partial"] else "") + "; ".join(parts)
+
+
+def _null_non_finite(value: object) -> object:
+    """NaN and inf (a statistic without samples) as None: summary.json is strict JSON."""
+    if isinstance(value, dict):
+        return {k: _null_non_finite(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _info(out: Path) -> dict:
@@ -83,7 +92,7 @@ def render(info: dict, summary: dict) -> str:
     ]
     for label, p in summary["points"].items():
         lines.append(
-            f"| {label} | {p['completed']} / {p['requests']} / {p['planned']} | {_f(p['request_throughput'], 2)} "
+            f"| {label} | {p['completed']} / {p['sent']} / {p['planned']} | {_f(p['request_throughput'], 2)} "
             f"| {_f(p['input_token_throughput'])} | {_f(p['output_token_throughput'])} "
             f"| {_f(p['ttft_ms.mean'])} / {_f(p['ttft_ms.p50'])} / {_f(p['ttft_ms.p99'])} "
             f"| {_f(p['tpot_ms.mean'], 2)} / {_f(p['tpot_ms.p99'], 2)} | {_f(p['itl_ms.p50'], 2)} / {_f(p['itl_ms.p99'], 2)} "

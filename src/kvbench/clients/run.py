@@ -93,13 +93,13 @@ def run_load_config(config: LoadConfig, out: Path, progress: bool = True) -> Loa
     if (out / RESULTS).exists() and (out / RESULTS).stat().st_size:
         raise KvbenchError(f"{out} already holds results; choose another --out")
     tokenizer = _tokenizer(config)
+    schedules = {rate_label(r): config.schedule(r) for r in config.request_rates}  # config errors before the probe
+    planned = sum(len(s) for s in schedules.values())
+    requests = build_requests(config.workload, max(len(s) for s in schedules.values()), tokenizer)
     info = {"kind": "load", "config": asdict(config), "environment": describe_host(), "partial": True,
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "points": {}}
     endpoint, models = asyncio.run(_prepare(config))
     info["server"] = {"models": models, "model": endpoint.model}
-    schedules = {rate_label(r): config.schedule(r) for r in config.request_rates}
-    planned = sum(len(s) for s in schedules.values())
-    requests = build_requests(config.workload, max(len(s) for s in schedules.values()), tokenizer)
     atomic_write_text(out / RUN_INFO, json.dumps(info, indent=2))
     written = 0
     bar = tqdm(total=planned, desc="load", unit="req", disable=not progress)

@@ -7,9 +7,10 @@ Definitions (as in vLLM's serving benchmark, measured on the client):
 - E2E: actual send -> end of the stream.
 Token counts come from the server's `usage` (asked for with `stream_options.include_usage`,
 `usage_source` "server"). A server that reports none (llama-cpp-python) gets client counts
-(`usage_source` "client"): the prompt through the local tokenizer when one is given, and one
-output token per text-bearing chunk, which is exact for servers that stream token by token
-(re-tokenizing the generated text is not: merges across token boundaries change the count).
+(`usage_source` "client"): the prompt through the local tokenizer when one is given (a chat request
+through its chat template), and one output token per text-bearing chunk, which is exact for servers
+that stream token by token (re-tokenizing the generated text is not: merges across token boundaries
+change the count).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import httpx
@@ -69,11 +71,11 @@ class Trace:
             self.status, self.error = status, error[:500]
         self.end = self.end or time.perf_counter()
 
-    def record(self, tokenizer: Tokenizer | None = None) -> dict:
+    def record(self, tokenizer: Tokenizer | None = None, chat: bool = False) -> dict:
         """The results.jsonl record; times relative to the run start, durations in ms."""
         ms = lambda a, b: (b - a) * 1000.0 if a is not None and b is not None else None  # noqa: E731
         first = self.chunks[0] if self.chunks else None
-        prompt_tokens, output_tokens, cached, source = self._token_counts(tokenizer)
+        prompt_tokens, output_tokens, cached, source = self._token_counts(tokenizer, chat)
         ttft, e2e = ms(self.sent, first), ms(self.sent, self.end)
         tpot = (e2e - ttft) / (output_tokens - 1) if ttft is not None and e2e is not None and output_tokens > 1 else None
         req = self.request
@@ -89,13 +91,24 @@ class Trace:
             "prefix_id": req.prefix_id, "shared_prefix": req.shared_prefix, "turn": req.turn,
         }
 
-    def _token_counts(self, tokenizer: Tokenizer | None) -> tuple[int | None, int, int | None, str]:
+    def _token_counts(self, tokenizer: Tokenizer | None, chat: bool) -> tuple[int | None, int, int | None, str]:
         if self.usage:
             details = self.usage.get("prompt_tokens_details") or {}
             return (self.usage.get("prompt_tokens"), int(self.usage.get("completion_tokens") or 0),
                     details.get("cached_tokens"), "server")
-        prompt = len(tokenizer.encode(self.request.prompt, add_special_tokens=False)) if tokenizer else None
+        prompt = _prompt_tokens(self.request, tokenizer, chat) if tokenizer else None
         return prompt, len(self.chunks), None, "client"
+
+
+def _prompt_tokens(request: Request, tokenizer: Tokenizer, chat: bool) -> int:
+    """The prompt as the server tokenizes it: a chat request's messages go through the chat template."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        try:
+            ids = tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True, tokenize=True)
+            return len(ids["input_ids"] if isinstance(ids, Mapping) else ids)  # newer transformers: a BatchEncoding
+        except Exception:  # a template may reject a conversation (jinja's raise_exception): count the text
+            pass
+    return len(tokenizer.encode(request.prompt, add_special_tokens=False))
 
 
 async def stream_request(client: httpx.AsyncClient, endpoint: Endpoint, trace: Trace) -> None:
@@ -128,6 +141,8 @@ async def stream_request(client: httpx.AsyncClient, endpoint: Endpoint, trace: T
         trace.fail("connection_dropped", str(exc) or type(exc).__name__)
     except httpx.HTTPError as exc:
         trace.fail("http_error", f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # a client bug fails this request, not the whole run
+        trace.fail(f"client_error: {type(exc).__name__}", str(exc) or type(exc).__name__)
 
 
 async def _read_events(response: httpx.Response, trace: Trace) -> bool:
@@ -143,19 +158,48 @@ async def _read_events(response: httpx.Response, trace: Trace) -> bool:
             continue
         now = time.perf_counter()
         try:
-            event = json.loads(data)
-            choices = event.get("choices") or []
-        except (ValueError, AttributeError):
-            trace.fail("malformed_sse", f"not JSON: {data[:200]!r}")
+            event = _event(data)
+        except ValueError as exc:
+            trace.fail("malformed_sse", f"{exc}: {data[:200]!r}")
             return False
+        error = _error_message(event)
+        if error is not None:
+            trace.fail("server_error", error)
+            continue  # read on to [DONE], so the connection is kept
         if event.get("usage"):
             trace.usage = event["usage"]
-        for choice in choices:
+        for choice in event.get("choices") or []:
             piece = _text_of(choice)
             if piece:
                 trace.chunks.append(now)
             finished = finished or bool(choice.get("finish_reason"))
     return finished
+
+
+def _event(data: str) -> dict:
+    """A data line as a chunk object whose choices, deltas and usage have the expected types."""
+    try:
+        event = json.loads(data)
+    except ValueError:
+        raise ValueError("not JSON") from None
+    if not isinstance(event, dict):
+        raise ValueError("not a JSON object")
+    choices = event.get("choices") or []
+    if not isinstance(choices, list) or not all(isinstance(c, dict) and isinstance(c.get("delta") or {}, dict)
+                                                for c in choices):
+        raise ValueError("choices are not a list of objects with object deltas")
+    if not isinstance(event.get("usage") or {}, dict):
+        raise ValueError("usage is not an object")
+    return event
+
+
+def _error_message(event: dict) -> str | None:
+    """The message of an error event: vLLM and SGLang send `{"error": {...}}` (older vLLM an object with
+    `"object": "error"`), then [DONE], when generation fails mid-stream."""
+    error = event if event.get("object") == "error" else event.get("error")
+    if not error:
+        return None
+    return str(error.get("message") or error) if isinstance(error, dict) else str(error)
 
 
 def _text_of(choice: dict) -> str:
