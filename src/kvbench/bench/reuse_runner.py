@@ -140,6 +140,22 @@ class _ReuseSequences:
         return record
 
 
+def stream_order(s: TrafficSuiteSpec, stream: str, trial: int) -> list[int]:
+    """The documents a stream sends, in order: uniform, Zipf(s) over document rank, or temporal
+    locality (with chance `locality`, one of the last `window` distinct documents again)."""
+    rng = np.random.default_rng([s.seed, trial, STREAMS.index(stream)])
+    if stream == "uniform":
+        return rng.integers(0, s.documents, s.requests).tolist()
+    if stream == "zipf":
+        weights = 1.0 / np.arange(1, s.documents + 1) ** s.zipf_s
+        return rng.choice(s.documents, s.requests, p=weights / weights.sum()).tolist()
+    order: list[int] = []
+    for _ in range(s.requests):
+        recent = list(dict.fromkeys(reversed(order)))[:s.window]
+        order.append(int(rng.choice(recent)) if recent and rng.random() < s.locality else int(rng.integers(s.documents)))
+    return order
+
+
 class _TrafficStreams:
     """Each stream sends `requests` requests, a document of the pool plus a fresh question, in the
     stream's order; RAM holds `ram_documents` documents' worth of blocks, the disk tier the rest."""
@@ -150,20 +166,6 @@ class _TrafficStreams:
         self.dynamic = build_strategy("dynamic")
         self.config = GenerationConfig(max_new_tokens=spec.output_tokens, stop_at_eos=False)
 
-    def order(self, stream: str, trial: int) -> list[int]:
-        s = self.spec
-        rng = np.random.default_rng([s.seed, trial, STREAMS.index(stream)])
-        if stream == "uniform":
-            return rng.integers(0, s.documents, s.requests).tolist()
-        if stream == "zipf":
-            weights = 1.0 / np.arange(1, s.documents + 1) ** s.zipf_s
-            return rng.choice(s.documents, s.requests, p=weights / weights.sum()).tolist()
-        order: list[int] = []
-        for _ in range(s.requests):
-            recent = list(dict.fromkeys(reversed(order)))[:s.window]
-            order.append(int(rng.choice(recent)) if recent and rng.random() < s.locality else int(rng.integers(s.documents)))
-        return order
-
     def __call__(self, point: ReusePoint, trial: int) -> list[dict]:
         s = self.spec
         with tempfile.TemporaryDirectory(prefix="kvbench-disk-tier-") as disk_dir:
@@ -172,7 +174,7 @@ class _TrafficStreams:
             ram = int(s.ram_documents * blocks_per_doc * probe.block_bytes)
             cache = _cache(self.lm, s, "prefix", disk_dir if s.disk else None, ram_bytes=ram)
             records = []
-            for i, doc in enumerate(self.order(point.workload, trial)):
+            for i, doc in enumerate(stream_order(s, point.workload, trial)):
                 ids = self.pool[doc] + self.texts.encode("\n\nQ: ") + self.texts.prose(8, 10_000 + 97 * trial + i)
                 result = generate(self.lm, self.dynamic, [ids], self.config, reuse=cache)
                 record = _base_record(s, self.lm, point, trial, i, ids, result)
