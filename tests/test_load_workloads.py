@@ -90,3 +90,16 @@ def test_random_prompts_with_the_embedded_tokenizer_are_near_the_target_length()
     tok = load_tokenizer("smollm2-135m")
     (req,) = build_requests(LoadWorkload(prompt_tokens=64), 1, tok)
     assert abs(len(tok.encode(req.prompt, add_special_tokens=False)) - 64) <= 8
+
+
+def test_reuse_suite_sequences_as_load_workloads():
+    tok = CharTokenizer()
+    reqs = build_requests(LoadWorkload(kind="reuse:rag-interior-500", output_tokens=4), 3, tok)
+    document = reqs[0].prompt[reqs[0].prompt.index("Document: "):][:500]
+    assert all(document in r.prompt for r in reqs)
+    assert len({r.prompt.split("Document: ")[0] for r in reqs}) == 3  # a different preamble each
+    assert [r.shared_prefix for r in reqs] == [False, True, True] and reqs[0].max_tokens == 4
+    turns = build_requests(LoadWorkload(kind="reuse:multi-turn"), 3, tok)
+    assert [r.turn for r in turns] == [1, 2, 3] and turns[2].prompt.startswith(turns[1].prompt)
+    with pytest.raises(KvbenchError, match="unknown reuse workload 'rag-middle-5'"):
+        LoadWorkload(kind="reuse:rag-middle-5")

@@ -100,7 +100,7 @@ def test_prefix_reuse_on_the_embedded_model_is_identical_over_32_tokens(embedded
     from kvbench.engine.reuse import ReusingEngine
     from kvbench.reuse import ReuseConfig
 
-    requests = build("rag-prefix-500", Texts(embedded), 3)
+    requests = build("rag-prefix-500", Texts(embedded.tokenizer), 3)
     engine = ReusingEngine(embedded, ReuseConfig(mode="prefix"))
     engine.warm(requests[0].ids)
     for request in requests[1:]:
@@ -117,7 +117,7 @@ def test_chunk_reuse_of_an_interior_document_agrees_with_no_reuse(embedded):
     from kvbench.engine.reuse import ReusingEngine
     from kvbench.reuse import ReuseConfig
 
-    requests = build("rag-interior-500", Texts(embedded), 5)
+    requests = build("rag-interior-500", Texts(embedded.tokenizer), 5)
     engine = ReusingEngine(embedded, ReuseConfig(mode="chunk", recompute="selective"))
     engine.warm(requests[0].ids)
     checks = [engine.verify_correctness(request.ids, max_new_tokens=32) for request in requests[1:]]

@@ -80,7 +80,7 @@ def _load_parser(sub) -> None:
     ld.add_argument("--url", required=True, help="the API root, e.g. http://127.0.0.1:8000/v1")
     ld.add_argument("--model", default=cfg.model, help="served model name (default: the one the server lists)")
     ld.add_argument("--endpoint", choices=ENDPOINTS, default=cfg.endpoint)
-    ld.add_argument("--workload", default=wl.kind, help=f"{', '.join(KINDS)}, or a .jsonl file of conversations")
+    ld.add_argument("--workload", default=wl.kind, help=f"{', '.join(KINDS)}, reuse:<reuse suite workload> (reuse:rag-prefix-2000), or a .jsonl file of conversations")
     ld.add_argument("--tokenizer", default=cfg.tokenizer,
                     help="the served model's tokenizer (local dir, cached hub id, smollm2-135m); builds the generated "
                          "workloads and counts tokens when the server reports no usage")
@@ -244,12 +244,11 @@ def cmd_run(args) -> int:
 def _run_reuse(spec, args) -> int:
     from kvbench.bench.reuse_report import write_reuse_report
     from kvbench.bench.reuse_runner import run_reuse_suite
-    from kvbench.bench.reuse_spec import resolved
     from kvbench.bench.runner import RunOptions
 
     if args.strategies or args.warmup is not None:
         raise KvbenchError(f"suite {spec.name!r} is a {spec.kind} suite: it takes no --strategies or --warmup")
-    spec = resolved(spec, args.quick, model=args.model, device=args.device, dtype=args.dtype, trials=args.trials)
+    spec = spec.resolved(args.quick, model=args.model, device=args.device, dtype=args.dtype, trials=args.trials)
     if args.dry_run:
         print(f"{spec.name}: {len(spec.points())} request sequences x {spec.trials} trials on {spec.model}")
         for point in spec.points():

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from kvbench.bench.environment import describe
 from kvbench.bench.metrics import request_timing
 from kvbench.bench.records import RESULTS, RUN_INFO, ResultsWriter, atomic_write_text, read_records
-from kvbench.bench.reuse_spec import STREAMS, ReusePoint, ReuseSuiteSpec, TrafficSuiteSpec, digest, parse_mode, to_dict
+from kvbench.bench.reuse_spec import STREAMS, ReusePoint, ReuseSuiteSpec, TrafficSuiteSpec, parse_mode
 from kvbench.bench.reuse_workloads import Texts, build, document_pool
 from kvbench.bench.runner import RunOptions, RunOutcome, prepare_out_dir
 from kvbench.device import resolve_device
@@ -40,18 +40,18 @@ def run_reuse_suite(spec: ReuseSuiteSpec | TrafficSuiteSpec, options: RunOptions
             raise KvbenchError(f"{out} already holds results; pass --resume to continue that run, or choose another --out")
         existing = read_records(results_path)
         previous = json.loads((out / RUN_INFO).read_text()).get("spec_digest") if (out / RUN_INFO).exists() else None
-        if previous and previous != digest(spec):
+        if previous and previous != spec.digest():
             raise KvbenchError(f"{out} holds results of a different sweep (spec changed since); choose another --out")
     done = {(r["point"], r["trial"]) for r in existing}
     todo = [(p, t) for t in range(spec.trials) for p in spec.points() if (p.key, t) not in done]
     lm = lm or load_model(spec.model, spec.device, spec.dtype)
-    info = {"suite": spec.name, "kind": spec.kind, "spec": to_dict(spec), "spec_digest": digest(spec),
+    texts = Texts(lm.tokenizer, spec.seed)
+    info = {"suite": spec.name, "kind": spec.kind, "spec": spec.to_dict(), "spec_digest": spec.digest(),
             "environment": describe(resolve_device(spec.device)),
             "models": {lm.name: {"fingerprint": lm.fingerprint, "dtype": str(lm.dtype).removeprefix("torch."),
                                  "weight_bytes": lm.weight_bytes}},
             "notes": [], "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     atomic_write_text(out / RUN_INFO, json.dumps(info, indent=2) + "\n")
-    texts = Texts(lm, spec.seed)
     _warm_kernels(lm)
     references = {(r["workload"], r["trial"], r["request_index"]): r["output_ids"]
                   for r in existing if r["reuse_mode"] == "none"}

@@ -49,8 +49,31 @@ class ReusePoint:
         return f"{self.workload}/{self.mode}/{self.tier}"
 
 
+class _SpecMethods:
+    """What the runner and CLI ask of a reuse or traffic spec (the same calls as `SuiteSpec`)."""
+
+    def to_dict(self) -> dict:
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+                for f in dataclasses.fields(self)}
+
+    def resolved(self, quick: bool, **overrides: Any):
+        """A copy with the `quick` block applied (when asked), then the given non-None overrides."""
+        data = self.to_dict()
+        if quick:
+            data.update(self.quick)
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return spec_from_dict(data)
+
+    def digest(self) -> str:
+        """Identity of what is measured (not of how many trials), to refuse resuming a different run."""
+        d = self.to_dict()
+        for key in ("trials", "quick", "description"):
+            d.pop(key)
+        return hashlib.blake2b(json.dumps(d, sort_keys=True).encode(), digest_size=8).hexdigest()
+
+
 @dataclass(frozen=True)
-class ReuseSuiteSpec:
+class ReuseSuiteSpec(_SpecMethods):
     name: str
     kind: str = "reuse"
     description: str = ""
@@ -101,7 +124,7 @@ class ReuseSuiteSpec:
 
 
 @dataclass(frozen=True)
-class TrafficSuiteSpec:
+class TrafficSuiteSpec(_SpecMethods):
     name: str
     kind: str = "traffic"
     description: str = ""
@@ -147,22 +170,3 @@ def spec_from_dict(data: dict) -> ReuseSuiteSpec | TrafficSuiteSpec:
         raise KvbenchError("a suite needs a name")
     data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
     return cls(**data)
-
-
-def to_dict(spec) -> dict:
-    return {f.name: list(v) if isinstance(v := getattr(spec, f.name), tuple) else v for f in dataclasses.fields(spec)}
-
-
-def resolved(spec, quick: bool, **overrides: Any):
-    data = to_dict(spec)
-    if quick:
-        data.update(spec.quick)
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    return spec_from_dict(data)
-
-
-def digest(spec) -> str:
-    d = to_dict(spec)
-    for key in ("trials", "quick", "description"):
-        d.pop(key)
-    return hashlib.blake2b(json.dumps(d, sort_keys=True).encode(), digest_size=8).hexdigest()

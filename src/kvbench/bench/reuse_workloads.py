@@ -49,12 +49,14 @@ def check_workload(name: str) -> None:
 class Texts:
     """Token slices of the offline corpus and of Python's own source, for one tokenizer."""
 
-    def __init__(self, lm, seed: int = 0):
-        self.lm, self.seed = lm, seed
-        self.corpus = lm.encode(corpus_text()[:400_000], chat=False)
+    def __init__(self, tokenizer, seed: int = 0):
+        if tokenizer is None:
+            raise KvbenchError("the reuse workloads are real text: they need a model with a tokenizer, not a synthetic one")
+        self.tokenizer, self.seed = tokenizer, seed
+        self.corpus = self.encode(corpus_text()[:400_000])
 
     def encode(self, text: str) -> list[int]:
-        return list(self.lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def prose(self, tokens: int, key: int) -> list[int]:
         rng = np.random.default_rng([self.seed, key])

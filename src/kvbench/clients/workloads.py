@@ -7,6 +7,10 @@
   marked `shared_prefix`.
 - `multi-turn`: C conversations of T turns, sent round by round; turn k carries the whole history
   (earlier user turns and fixed assistant replies), so its prompt extends turn k-1's.
+- `reuse:<workload>`: a sequence of the reuse suite's (`kvbench.bench.reuse_workloads`): a system
+  prompt, a RAG document as a prefix or after varying preambles (`reuse:rag-interior-2000`), a
+  growing chat, code context or few-shot examples, each re-sent with a new question; every request
+  after the first shares the context (`shared_prefix`).
 - a `.jsonl` path: conversations a user supplies, ShareGPT style (`{"conversations": [{"from":
   "human", "value": ...}, ...]}`) or OpenAI style (`{"messages": [{"role": "user", ...}]}`); each
   request is a conversation up to its first user message.
@@ -20,6 +24,8 @@ from pathlib import Path
 from typing import Protocol
 
 from kvbench.bench.corpus import corpus_text
+from kvbench.bench.reuse_workloads import Texts, check_workload
+from kvbench.bench.reuse_workloads import build as build_reuse_sequence
 from kvbench.bench.workloads import corpus_slice, synthetic_prompt
 from kvbench.errors import KvbenchError
 
@@ -49,15 +55,18 @@ class LoadWorkload:
     seed: int = 0
 
     def __post_init__(self):
-        if self.kind not in KINDS and not self.kind.endswith(".jsonl"):
-            raise KvbenchError(f"unknown workload {self.kind!r}; valid: {', '.join(KINDS)}, or a path to a .jsonl file")
+        if self.kind.startswith("reuse:"):
+            check_workload(self.kind.removeprefix("reuse:"))
+        elif self.kind not in KINDS and not self.kind.endswith(".jsonl"):
+            raise KvbenchError(f"unknown workload {self.kind!r}; valid: {', '.join(KINDS)}, reuse:<reuse workload> "
+                               "(reuse:rag-prefix-2000), or a path to a .jsonl file")
         for name in ("prompt_tokens", "output_tokens", "prefix_tokens", "prefixes", "suffixes", "conversations", "turns"):
             if getattr(self, name) < 1:
                 raise KvbenchError(f"workload {name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def needs_tokenizer(self) -> bool:
-        return self.kind in KINDS
+        return self.kind in KINDS or self.kind.startswith("reuse:")
 
     @property
     def natural_count(self) -> int | None:
@@ -96,6 +105,8 @@ def build_requests(spec: LoadWorkload, count: int, tokenizer: Tokenizer | None) 
         return _prefix_repetition(spec, tokenizer, count)
     if spec.kind == "multi-turn":
         return _multi_turn(spec, tokenizer, count)
+    if spec.kind.startswith("reuse:"):
+        return _reuse_sequence(spec, tokenizer, count)
     return _from_jsonl(Path(spec.kind), spec.output_tokens, count)
 
 
@@ -143,6 +154,12 @@ def _multi_turn(spec: LoadWorkload, tok: Tokenizer, count: int) -> list[Request]
         requests.append(Request(i, tuple(history), spec.output_tokens, prefix_id=conv,
                                 shared_prefix=turn > 0 or i >= spec.conversations * spec.turns, turn=turn))
     return requests
+
+
+def _reuse_sequence(spec: LoadWorkload, tok: Tokenizer, count: int) -> list[Request]:
+    sequence = build_reuse_sequence(spec.kind.removeprefix("reuse:"), Texts(tok, spec.seed), count)
+    return [Request(i, (_user(tok.decode(r.ids)),), spec.output_tokens, prefix_id=0, shared_prefix=i > 0, turn=r.turn)
+            for i, r in enumerate(sequence)]
 
 
 def _from_jsonl(path: Path, max_tokens: int, count: int) -> list[Request]:
