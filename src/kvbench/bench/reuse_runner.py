@@ -81,7 +81,7 @@ def _base_record(spec, lm: LoadedModel, point: ReusePoint, trial: int, index: in
         "recompute": recompute, "tier": point.tier, "trial": trial, "warmup": False, "request_index": index,
         "model": lm.name, "model_fingerprint": lm.fingerprint, "device": str(lm.device),
         "dtype": str(lm.dtype).removeprefix("torch."), "prompt_tokens": len(ids),
-        "output_tokens": result.output_tokens, "max_new_tokens": result.output_tokens,
+        "output_tokens": result.output_tokens, "max_new_tokens": spec.output_tokens,
         **asdict(request_timing(result.step_times_s)),
         "cached_tokens": reuse.cached_tokens if reuse else 0,
         "reuse_ratio": reuse.reuse_ratio if reuse else 0.0,

@@ -20,6 +20,7 @@ from typing import Any
 from kvbench.bench.reuse_workloads import check_workload
 from kvbench.errors import KvbenchError
 from kvbench.models import EMBEDDED
+from kvbench.reuse import ReuseConfig
 from kvbench.reuse.assemble import RECOMPUTE
 
 TIERS = ("ram", "disk")
@@ -107,8 +108,12 @@ class ReuseSuiteSpec(_SpecMethods):
         for name in ("requests", "turns", "output_tokens", "block_size", "trials"):
             if getattr(self, name) < 1:
                 raise KvbenchError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.requests < 2:
-            raise KvbenchError("requests must be >= 2: one cold request and at least one warm one")
+        if self.requests < 2 or self.turns < 2:
+            raise KvbenchError("requests and turns must be >= 2: one cold request and at least one warm one")
+        if len(set(self.modes)) != len(self.modes) or len(set(self.workloads)) != len(self.workloads):
+            raise KvbenchError("modes and workloads must not repeat")
+        ReuseConfig(block_size=self.block_size, selective_tokens=self.selective_tokens,
+                    blend_fraction=self.blend_fraction)  # checks them now, before a model loads
         if any(n < 1 for n in self.break_even):
             raise KvbenchError(f"break_even lengths must be positive, got {list(self.break_even)}")
 

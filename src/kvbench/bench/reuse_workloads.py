@@ -59,6 +59,8 @@ class Texts:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def prose(self, tokens: int, key: int) -> list[int]:
+        if tokens >= len(self.corpus):
+            raise KvbenchError(f"the corpus has {len(self.corpus)} tokens; a {tokens}-token slice was asked for")
         rng = np.random.default_rng([self.seed, key])
         start = int(rng.integers(0, len(self.corpus) - tokens))
         return self.corpus[start:start + tokens]

@@ -81,7 +81,7 @@ def blend_positions(lm, ids: torch.Tensor, covered: torch.Tensor, kv: torch.Tens
 
     approx = torch.cat([torch.arange(r[0].start, r[-1].start + r[-1].length) for r in runs])
     probe = DynamicCache(config=lm.config)
-    layers = lm.model.model.layers
+    layers = lm.model.get_decoder().layers
     after = layers[recompute.probe_layer + 1] if recompute.probe_layer + 1 < len(layers) else None
     stop = after.register_forward_pre_hook(_raise_stop) if after is not None else None
     try:

@@ -3,6 +3,7 @@ missing, and store the exactly computed blocks afterwards."""
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -13,8 +14,10 @@ from kvbench.reuse import assemble
 from kvbench.reuse.assemble import RECOMPUTE, Recompute
 from kvbench.reuse.blocks import Namespace, chain_keys, content_key
 from kvbench.reuse.plan import plan
-from kvbench.reuse.rope import Rerotator
+from kvbench.reuse.rope import Rerotator, check_rerotation
 from kvbench.reuse.store import POLICIES, Block, DiskTier, RamTier, TieredStore
+
+log = logging.getLogger("kvbench.reuse")
 
 MODES = ("prefix", "chunk")
 GiB = 1 << 30
@@ -62,13 +65,33 @@ class RequestReuse:
     exact_tokens: int = 0  # of those, exact prefix hits
     recomputed_tokens: int = 0  # hit, but computed again (selective / cacheblend)
     computed_tokens: int = 0  # run through the model in prefill
-    tier_tokens: dict[str, int] = field(default_factory=dict)  # hit tokens per tier
-    load_ms: float = 0.0  # lookup, reading and assembling the cached K/V (before the forward)
+    tier_tokens: dict[str, int] = field(default_factory=dict)  # hit tokens read per tier (recomputed ones included)
+    load_ms: float = 0.0  # host time for lookup, reading, assembling and choosing what to recompute (cacheblend's probe)
     exact_until: int = 0  # positions before this were computed exactly (safe to store)
 
     @property
     def reuse_ratio(self) -> float:
         return self.cached_tokens / self.prompt_tokens
+
+
+def _check_model(lm, config: ReuseConfig) -> None:
+    """Refuse what the assembly cannot do exactly: caches that keep only a window of positions, and
+    (for chunk reuse, which needs a custom 4D mask) attention kernels that ignore such a mask."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    kinds = {type(layer).__name__ for layer in DynamicCache(config=lm.config).layers}
+    if kinds != {DynamicLayer.__name__}:
+        raise KvbenchError(
+            f"{lm.name} uses {', '.join(sorted(kinds))} cache layers (sliding-window or hybrid attention); "
+            "cross-request reuse supports models whose every layer keeps all positions"
+        )
+    attention = getattr(lm.config, "_attn_implementation", "sdpa")
+    if config.mode == "chunk" and attention not in ("sdpa", "eager"):
+        raise KvbenchError(
+            f"chunk reuse needs sdpa or eager attention (a 4D mask interleaves cached and computed tokens); "
+            f"{lm.name} runs {attention!r}: load it with attn_implementation='sdpa' or use mode 'prefix'"
+        )
 
 
 class ReuseCache:
@@ -77,7 +100,10 @@ class ReuseCache:
     def __init__(self, lm, config: ReuseConfig = ReuseConfig()):
         self.lm, self.config = lm, config
         self.ns = Namespace(lm.fingerprint, str(lm.dtype).removeprefix("torch."), config.block_size)
+        _check_model(lm, config)
         self.rerotator = Rerotator(lm.model) if config.mode == "chunk" else None
+        if self.rerotator is not None:
+            check_rerotation(lm.model, self.rerotator)
         layers = lm.config.num_hidden_layers
         if config.mode == "chunk" and config.recompute == "cacheblend" and not 1 <= config.probe_layer <= layers - 1:
             raise KvbenchError(
@@ -89,6 +115,11 @@ class ReuseCache:
             raise KvbenchError(
                 f"the RAM tier's budget ({config.ram_bytes} bytes) is too small for one block of "
                 f"{config.block_size} tokens ({block} bytes); raise ram_bytes or lower block_size"
+            )
+        if config.disk_bytes is not None and config.disk_bytes < block:
+            raise KvbenchError(
+                f"the disk tier's budget ({config.disk_bytes} bytes) is too small for one block of "
+                f"{config.block_size} tokens ({block} bytes); raise disk_bytes or lower block_size"
             )
         disk = DiskTier(config.disk_dir, self.ns, config.disk_bytes) if config.disk_dir else None
         self.store = TieredStore(RamTier(config.ram_bytes, config.ram_policy, config.ram_int8), disk)
@@ -107,12 +138,14 @@ class ReuseCache:
         info = RequestReuse(prompt_tokens=len(tokens))
         hits = plan(tokens, self.store, self.ns, chunk=self.config.mode == "chunk")
         loaded, lossy = [], set()
-        for hit in hits:
+        for hit in reversed(hits):  # last block first: a chain's first blocks end up most recent, evicted last
             found = self.store.get(hit.key)
             if found is None:  # evicted or corrupt since planning: compute those tokens instead
                 continue
             block, tier = found
-            loaded.append((hit, block))
+            if block.tokens[:hit.length] != tuple(tokens[hit.start:hit.start + hit.length]):
+                continue  # a key collision would land here: never use K/V of other tokens
+            loaded.insert(0, (hit, block))
             info.tier_tokens[tier] = info.tier_tokens.get(tier, 0) + hit.length
             if tier == "ram" and self.config.ram_int8:
                 lossy.add(hit.key)
@@ -134,7 +167,7 @@ class ReuseCache:
 
     def _recompute_positions(self, tokens, loaded, kv, runs) -> torch.Tensor:
         none = torch.zeros(0, dtype=torch.long)
-        if not runs or self.config.recompute == "none":
+        if not runs or self.config.mode == "prefix" or self.config.recompute == "none":
             return none
         if self.config.recompute == "selective":
             return assemble.selective_positions(runs, self.config.selective_tokens)
@@ -152,10 +185,14 @@ class ReuseCache:
         end = (new[-1][0] + 1) * bs
         kv = torch.stack([torch.stack([layer.keys[0, :, :end], layer.values[0, :, :end]]) for layer in cache.layers])
         kv = kv.to("cpu")
-        for i, key in new:
+        for i, key in reversed(new):  # first blocks stored last: the most recent, evicted last
             block_tokens = tuple(tokens[i * bs:(i + 1) * bs])
             block = Block(kv[:, :, :, i * bs:(i + 1) * bs].clone(), i * bs, block_tokens, content_key(block_tokens, self.ns))
-            self.store.put(key, block)
+            try:
+                self.store.put(key, block)
+            except KvbenchError as exc:  # a full or failing disk must not lose the request that ran
+                log.warning("kvbench reuse: could not store a block: %s", exc)
+                return 0
         return len(new)
 
     def clear_ram(self) -> None:

@@ -46,3 +46,25 @@ class Rerotator:
         rotated_half = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
         moved = (rot * cos + rotated_half * sin).to(keys.dtype)
         return moved if rest.shape[-1] == 0 else torch.cat([moved, rest], dim=-1)
+
+
+def check_rerotation(model: torch.nn.Module, rerotator: Rerotator, tokens: int = 8, shift: int = 37) -> None:
+    """Refuse a model whose keys `Rerotator` does not move exactly (interleaved RoPE, per-layer rotary
+    embeddings...): layer 0's keys of the same tokens at two positions, one moved onto the other."""
+    from transformers import DynamicCache
+
+    ids = torch.arange(16, 16 + tokens, device=model.device)[None]
+    keys = []
+    for offset in (3, 3 + shift):
+        cache = DynamicCache(config=model.config)
+        with torch.inference_mode():
+            model(input_ids=ids, position_ids=torch.arange(offset, offset + tokens, device=model.device)[None],
+                  past_key_values=cache, use_cache=True, logits_to_keep=1)
+        keys.append(cache.layers[0].keys.float())
+    moved = rerotator.shift(keys[0], shift)
+    error = (moved - keys[1]).abs().max() / keys[1].abs().max().clamp(min=1e-6)
+    if not error < 1e-2:
+        raise KvbenchError(
+            f"{type(model).__name__}'s position encoding is not the rotation kvbench re-applies (relative error "
+            f"{float(error):.3g} after moving keys {shift} positions); use reuse mode 'prefix'"
+        )

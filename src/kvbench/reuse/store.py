@@ -5,9 +5,11 @@ restarted process keeps its disk hits. Reads try RAM first; a disk hit is promot
 
 Disk entries are one file per block, named by chain key, inside a directory per namespace. A file is
 written to a temporary name and renamed into place (atomic on POSIX), so concurrent processes sharing
-a directory never see a half-written block; two writers of one key write identical bytes. Each file
-carries a checksum of its payload: a corrupt or truncated entry is a miss, is removed and logged,
-never a crash or a wrong answer.
+a directory never see a half-written block (the last rename of a key wins; both writers computed the
+block's K/V from the same tokens). Each file carries a checksum of all its bytes and its own key: a
+corrupt, truncated or misnamed entry is a miss, is removed and logged, never a crash or a wrong answer.
+Budgets are per process: processes sharing a directory each keep theirs, and a block another process
+evicted is a plain miss.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import os
 import struct
 import tempfile
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,23 +156,29 @@ class RamTier:
     def keys(self):
         return list(self.entries)
 
-    def block_meta(self, key: str) -> Block:
-        """The stored block's metadata (position, tokens, content) without unpacking it."""
-        return self.entries[key][0]
-
 
 class DiskTier:
-    """One checksummed file per block under `root/<namespace>/`; the index is rebuilt from the files."""
+    """One checksummed file per block under `root/<namespace>/`; the index is rebuilt from the files.
+
+    A file is MAGIC, a JSON header (its own key, position, tokens, dtype, shape), the K/V bytes, and a
+    blake2b digest of all of that: a flipped bit anywhere, a truncation, or a file under another key's
+    name is caught on read. Pages are dropped from the OS page cache after every write and read, so a
+    disk hit is measured as a read from the device, not from memory.
+    """
+
+    STALE_TEMP_S = 3600  # temporary files older than this were left by a killed writer
 
     def __init__(self, root: str | os.PathLike, ns: Namespace, budget_bytes: int | None = None):
         self.dir = Path(root) / ns.name
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
+            if not os.access(self.dir, os.R_OK | os.W_OK | os.X_OK):
+                raise PermissionError(13, "not readable and writable")
             probe = tempfile.NamedTemporaryFile(dir=self.dir, prefix=".probe-", delete=True)
             probe.close()
         except OSError as exc:
             raise KvbenchError(
-                f"cannot use {root} as the disk tier: {exc.strerror or exc}; choose a writable directory"
+                f"cannot use {root} as the disk tier: {exc.strerror or exc}; choose a readable, writable directory"
             ) from None
         if budget_bytes is not None and budget_bytes <= 0:
             raise KvbenchError(f"the disk tier's budget must be > 0 bytes, got {budget_bytes}")
@@ -182,37 +191,40 @@ class DiskTier:
         return self.dir / f"{key}{_SUFFIX}"
 
     def _rebuild(self) -> None:
-        files = sorted(self.dir.glob(f"*{_SUFFIX}"), key=lambda p: p.stat().st_mtime)
-        for path in files:
-            header = self._read_header(path)
-            if header is None:
+        now, found = time.time(), []
+        for path in self.dir.iterdir():
+            try:
+                stat = path.stat()
+            except FileNotFoundError:  # removed by another process meanwhile
                 continue
-            self.meta[path.stem] = (header["position"], tuple(header["tokens"]), header["content"], path.stat().st_size)
-            self.stats.bytes += path.stat().st_size
+            if path.name.startswith(".tmp-") and now - stat.st_mtime > self.STALE_TEMP_S:
+                path.unlink(missing_ok=True)
+            elif path.suffix == _SUFFIX:
+                found.append((stat.st_mtime, path, stat.st_size))
+        for _, path, size in sorted(found):
+            try:
+                with open(path, "rb") as f:
+                    header = _header(f.read(8 + _MAX_HEADER), path.stem)
+            except FileNotFoundError:
+                continue
+            except Exception as exc:  # noqa: BLE001 - any unreadable entry is a removed miss, never a crash
+                self._drop(path.stem, f"unreadable header ({exc})")
+                continue
+            self.meta[path.stem] = (header["position"], tuple(header["tokens"]), header["content"], size)
+            self.stats.bytes += size
             self.stats.blocks += 1
 
-    def _read_header(self, path: Path) -> dict | None:
-        try:
-            with open(path, "rb") as f:
-                magic, length = f.read(4), f.read(4)
-                if magic != _MAGIC or len(length) != 4:
-                    raise ValueError("bad magic")
-                return json.loads(f.read(struct.unpack("<I", length)[0]))
-        except (OSError, ValueError) as exc:
-            self._drop(path.stem, f"unreadable header ({exc})")
-            return None
-
-    def _drop(self, key: str, why: str) -> None:
-        log.warning("kvbench reuse: removing corrupt disk block %s: %s", key, why)
-        self.stats.corrupt += 1
+    def _forget(self, key: str) -> None:
         entry = self.meta.pop(key, None)
         if entry is not None:
             self.stats.bytes -= entry[3]
             self.stats.blocks -= 1
-        try:
-            self._path(key).unlink()
-        except FileNotFoundError:
-            pass
+
+    def _drop(self, key: str, why: str) -> None:
+        log.warning("kvbench reuse: removing corrupt disk block %s: %s", key, why)
+        self.stats.corrupt += 1
+        self._forget(key)
+        self._path(key).unlink(missing_ok=True)
 
     def __contains__(self, key: str) -> bool:
         return key in self.meta
@@ -225,16 +237,16 @@ class DiskTier:
             self.stats.misses += 1
             return None
         try:
-            data = self._path(key).read_bytes()
-            (length,) = struct.unpack("<I", data[4:8])
-            header = json.loads(data[8:8 + length])
-            payload = data[8 + length:]
-            if data[:4] != _MAGIC or hashlib.blake2b(payload, digest_size=16).hexdigest() != header["checksum"]:
-                raise ValueError("checksum mismatch")
-            array = np.frombuffer(payload, dtype=np.dtype(header["numpy_dtype"])).reshape(header["shape"])
-            kv = torch.from_numpy(array.copy()).view(getattr(torch, header["dtype"]))
-        except (OSError, ValueError, KeyError, struct.error) as exc:
-            self._drop(key, str(exc))
+            with open(self._path(key), "rb") as f:
+                data = f.read()
+                _drop_page_cache(f.fileno())
+            header, kv = _parse(data, key)
+        except FileNotFoundError:  # evicted by another process sharing the directory: a plain miss
+            self._forget(key)
+            self.stats.misses += 1
+            return None
+        except Exception as exc:  # noqa: BLE001 - corrupt in any way: a removed, logged miss
+            self._drop(key, str(exc) or type(exc).__name__)
             self.stats.misses += 1
             return None
         self.meta.move_to_end(key)
@@ -244,29 +256,23 @@ class DiskTier:
     def put(self, key: str, block: Block) -> None:
         if key in self.meta:
             return
-        kv = block.kv.detach().cpu().contiguous()
-        raw = kv.view(torch.int16) if kv.dtype in (torch.bfloat16, torch.float16) else kv
-        array = raw.numpy()
-        payload = array.tobytes()
-        header = json.dumps({
-            "position": block.position, "tokens": list(block.tokens), "content": block.content,
-            "dtype": str(kv.dtype).removeprefix("torch."), "numpy_dtype": array.dtype.str, "shape": list(array.shape),
-            "checksum": hashlib.blake2b(payload, digest_size=16).hexdigest(),
-        }).encode()
-        size = 8 + len(header) + len(payload)
+        data = _serialize(key, block)
         if self.budget is not None:
-            while self.meta and self.stats.bytes + size > self.budget:
+            while self.meta and self.stats.bytes + len(data) > self.budget:
                 self._evict()
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-", suffix=f"-{os.getpid()}")
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(_MAGIC + struct.pack("<I", len(header)) + header + payload)
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+                _drop_page_cache(f.fileno())
             os.replace(tmp, self._path(key))
         except OSError as exc:
             Path(tmp).unlink(missing_ok=True)
             raise KvbenchError(f"cannot write to the disk tier {self.dir}: {exc.strerror or exc}") from None
-        self.meta[key] = (block.position, block.tokens, block.content, size)
-        self.stats.bytes += size
+        self.meta[key] = (block.position, block.tokens, block.content, len(data))
+        self.stats.bytes += len(data)
         self.stats.blocks += 1
 
     def _evict(self) -> None:
@@ -275,6 +281,51 @@ class DiskTier:
         self.stats.bytes -= entry[3]
         self.stats.blocks -= 1
         self.stats.evictions += 1
+
+
+_MAX_HEADER = 1 << 16
+_DIGEST_BYTES = 16
+
+
+def _drop_page_cache(fd: int) -> None:
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def _serialize(key: str, block: Block) -> bytes:
+    kv = block.kv.detach().cpu().contiguous()
+    raw = kv.view(torch.int16) if kv.dtype in (torch.bfloat16, torch.float16) else kv
+    array = raw.numpy()
+    header = json.dumps({
+        "key": key, "position": block.position, "tokens": list(block.tokens), "content": block.content,
+        "dtype": str(kv.dtype).removeprefix("torch."), "numpy_dtype": array.dtype.str, "shape": list(array.shape),
+    }).encode()
+    body = _MAGIC + struct.pack("<I", len(header)) + header + array.tobytes()
+    return body + hashlib.blake2b(body, digest_size=_DIGEST_BYTES).digest()
+
+
+def _header(data: bytes, key: str) -> dict:
+    """The header of an entry named `key`, checked for shape (not for the payload's digest)."""
+    if data[:4] != _MAGIC or len(data) < 8:
+        raise ValueError("bad magic")
+    (length,) = struct.unpack("<I", data[4:8])
+    header = json.loads(data[8:8 + length])
+    if header.get("key") != key:
+        raise ValueError(f"entry holds key {header.get('key')!r}")
+    if not (isinstance(header["position"], int) and isinstance(header["content"], str)
+            and all(isinstance(t, int) for t in header["tokens"])):
+        raise ValueError("malformed header")
+    return header
+
+
+def _parse(data: bytes, key: str) -> tuple[dict, torch.Tensor]:
+    body, digest = data[:-_DIGEST_BYTES], data[-_DIGEST_BYTES:]
+    if hashlib.blake2b(body, digest_size=_DIGEST_BYTES).digest() != digest:
+        raise ValueError("checksum mismatch")
+    header = _header(body, key)
+    (length,) = struct.unpack("<I", body[4:8])
+    array = np.frombuffer(body[8 + length:], dtype=np.dtype(header["numpy_dtype"])).reshape(header["shape"])
+    return header, torch.from_numpy(array.copy()).view(getattr(torch, header["dtype"]))
 
 
 @dataclass
