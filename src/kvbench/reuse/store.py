@@ -345,7 +345,9 @@ class TieredStore:
     def _index(self, key: str, tokens: tuple[int, ...], content: str) -> None:
         if content not in self.by_content:
             self.by_content[content] = key
-            self.by_fingerprint.setdefault(fingerprint(tokens), []).append(content)
+            contents = self.by_fingerprint.setdefault(fingerprint(tokens), [])
+            if content not in contents:  # re-stored after its block was forgotten
+                contents.append(content)
 
     def __contains__(self, key: str) -> bool:
         return key in self.ram or (self.disk is not None and key in self.disk)
