@@ -1,6 +1,6 @@
 import pytest
 
-from kvbench.bench.preflight import estimate, human_bytes, kv_bytes_per_token, parse_bytes
+from kvbench.bench.preflight import estimate, human_bytes, parse_bytes
 from kvbench.bench.spec import from_dict
 from kvbench.errors import KvbenchError
 
@@ -23,5 +23,5 @@ def test_estimate_picks_the_largest_point(tiny):
                       "output_tokens": [8]})
     e = estimate(tiny, spec.points(), {p: p.prompt_tokens for p in spec.points()})
     assert (e.point.prompt_tokens, e.point.batch_size) == (256, 4)
-    assert e.kv == 4 * (256 + 8) * kv_bytes_per_token(tiny)
+    assert e.kv == 4 * (256 + 8) * tiny.kv_bytes_per_token
     assert e.weights == tiny.weight_bytes

@@ -73,6 +73,14 @@ class LoadedModel:
         return list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
 
     @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of keys + values per token per sequence, over all layers, at the model's dtype."""
+        cfg = self.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        return 2 * cfg.num_hidden_layers * kv_heads * head_dim * self.dtype.itemsize
+
+    @property
     def weight_bytes(self) -> int:
         seen, total = set(), 0
         for p in list(self.model.parameters()) + list(self.model.buffers()):

@@ -36,14 +36,6 @@ def human_bytes(n: float) -> str:
     raise AssertionError
 
 
-def kv_bytes_per_token(lm: LoadedModel) -> int:
-    """Bytes of keys + values per token per sequence, over all layers, at the model's dtype."""
-    cfg = lm.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * lm.dtype.itemsize
-
-
 @dataclass(frozen=True)
 class Estimate:
     point: Point
@@ -62,7 +54,7 @@ def estimate(lm: LoadedModel, points: list[Point], prompt_tokens: dict[Point, in
     worst = None
     for point in points:
         tokens = prompt_tokens[point] + point.output_tokens
-        kv = point.batch_size * tokens * kv_bytes_per_token(lm)
+        kv = point.batch_size * tokens * lm.kv_bytes_per_token
         hidden = point.batch_size * tokens * (4 * cfg.hidden_size + 2 * cfg.intermediate_size) * size
         scores = point.batch_size * cfg.num_attention_heads * tokens * tokens * size
         logits = point.batch_size * cfg.vocab_size * 4

@@ -169,9 +169,8 @@ class _TrafficStreams:
     def __call__(self, point: ReusePoint, trial: int) -> list[dict]:
         s = self.spec
         with tempfile.TemporaryDirectory(prefix="kvbench-disk-tier-") as disk_dir:
-            probe = _cache(self.lm, s, "prefix", None)
             blocks_per_doc = -(-(s.document_tokens + 2) // s.block_size)
-            ram = int(s.ram_documents * blocks_per_doc * probe.block_bytes)
+            ram = int(s.ram_documents * blocks_per_doc * s.block_size * self.lm.kv_bytes_per_token)
             cache = _cache(self.lm, s, "prefix", disk_dir if s.disk else None, ram_bytes=ram)
             records = []
             for i, doc in enumerate(stream_order(s, point.workload, trial)):

@@ -127,10 +127,7 @@ class ReuseCache:
 
     @property
     def block_bytes(self) -> int:
-        c = self.lm.config
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-        return c.num_hidden_layers * 2 * heads * self.config.block_size * head_dim * self.lm.dtype.itemsize
+        return self.lm.kv_bytes_per_token * self.config.block_size
 
     def prefill(self, cache, tokens: list[int]) -> tuple[torch.Tensor, RequestReuse]:
         """Fill `cache` for `tokens` from the store plus computation; the last position's logits."""
@@ -182,18 +179,18 @@ class ReuseCache:
         new = [(i, k) for i, k in enumerate(keys) if k not in self.store]
         if not new:
             return 0
-        end = (new[-1][0] + 1) * bs
-        kv = torch.stack([torch.stack([layer.keys[0, :, :end], layer.values[0, :, :end]]) for layer in cache.layers])
-        kv = kv.to("cpu")
+        stored = 0
         for i, key in reversed(new):  # first blocks stored last: the most recent, evicted last
-            block_tokens = tuple(tokens[i * bs:(i + 1) * bs])
-            block = Block(kv[:, :, :, i * bs:(i + 1) * bs].clone(), i * bs, block_tokens, content_key(block_tokens, self.ns))
+            span = slice(i * bs, (i + 1) * bs)  # one copy of just this block, never of the whole prefix
+            kv = torch.stack([torch.stack([layer.keys[0, :, span], layer.values[0, :, span]]) for layer in cache.layers])
+            block_tokens = tuple(tokens[span])
             try:
-                self.store.put(key, block)
+                self.store.put(key, Block(kv.cpu(), i * bs, block_tokens, content_key(block_tokens, self.ns)))
             except KvbenchError as exc:  # a full or failing disk must not lose the request that ran
                 log.warning("kvbench reuse: could not store a block: %s", exc)
-                return 0
-        return len(new)
+                break
+            stored += 1
+        return stored
 
     def clear_ram(self) -> None:
         """Empty the RAM tier (the disk tier keeps its files): the next request is cold unless on disk."""
