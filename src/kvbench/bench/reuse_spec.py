@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvbench.bench.reuse_workloads import check_workload
+from kvbench.bench.spec import check_suite_keys
 from kvbench.errors import KvbenchError
 from kvbench.models import EMBEDDED
 from kvbench.reuse import ReuseConfig
@@ -50,8 +51,25 @@ class ReusePoint:
         return f"{self.workload}/{self.mode}/{self.tier}"
 
 
-class _SpecMethods:
-    """What the runner and CLI ask of a reuse or traffic spec (the same calls as `SuiteSpec`)."""
+@dataclass(frozen=True)
+class _ReuseSpecBase:
+    """Fields and calls the reuse and traffic specs share (the same calls as `SuiteSpec`)."""
+
+    name: str
+    kind: str = ""
+    description: str = ""
+    model: str = EMBEDDED
+    device: str = "auto"
+    dtype: str = "auto"
+    block_size: int = 64
+    trials: int = 1
+    seed: int = 0
+    quick: dict = field(default_factory=dict, compare=False)
+
+    def _require_positive(self, *names: str) -> None:
+        for name in names:
+            if getattr(self, name) < 1:
+                raise KvbenchError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
@@ -74,26 +92,17 @@ class _SpecMethods:
 
 
 @dataclass(frozen=True)
-class ReuseSuiteSpec(_SpecMethods):
-    name: str
+class ReuseSuiteSpec(_ReuseSpecBase):
     kind: str = "reuse"
-    description: str = ""
-    model: str = EMBEDDED
-    device: str = "auto"
-    dtype: str = "auto"
     workloads: tuple[str, ...] = ("system-prompt",)
     modes: tuple[str, ...] = ("none", "prefix")
     requests: int = 4  # per sequence, the cold one included
     turns: int = 8  # multi-turn: requests of its sequence
     output_tokens: int = 32
-    block_size: int = 64
     selective_tokens: int = 32
     blend_fraction: float = 0.15
     break_even: tuple[int, ...] = ()  # document lengths for the tier break-even sequences
     tiers: tuple[str, ...] = ("ram", "disk")
-    trials: int = 1
-    seed: int = 0
-    quick: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
         for w in self.workloads:
@@ -105,9 +114,7 @@ class ReuseSuiteSpec(_SpecMethods):
         bad = [t for t in self.tiers if t not in TIERS]
         if bad:
             raise KvbenchError(f"unknown tier(s) {bad}; valid: {', '.join(TIERS)}")
-        for name in ("requests", "turns", "output_tokens", "block_size", "trials"):
-            if getattr(self, name) < 1:
-                raise KvbenchError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self._require_positive("requests", "turns", "output_tokens", "block_size", "trials")
         if self.requests < 2 or self.turns < 2:
             raise KvbenchError("requests and turns must be >= 2: one cold request and at least one warm one")
         if len(set(self.modes)) != len(self.modes) or len(set(self.workloads)) != len(self.workloads):
@@ -129,13 +136,8 @@ class ReuseSuiteSpec(_SpecMethods):
 
 
 @dataclass(frozen=True)
-class TrafficSuiteSpec(_SpecMethods):
-    name: str
+class TrafficSuiteSpec(_ReuseSpecBase):
     kind: str = "traffic"
-    description: str = ""
-    model: str = EMBEDDED
-    device: str = "auto"
-    dtype: str = "auto"
     streams: tuple[str, ...] = STREAMS
     documents: int = 12
     document_tokens: int = 256
@@ -146,18 +148,12 @@ class TrafficSuiteSpec(_SpecMethods):
     ram_documents: float = 4  # RAM budget in documents' worth of blocks
     disk: bool = True
     output_tokens: int = 1
-    block_size: int = 64
-    trials: int = 1
-    seed: int = 0
-    quick: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
         bad = [s for s in self.streams if s not in STREAMS]
         if bad:
             raise KvbenchError(f"unknown stream(s) {bad}; valid: {', '.join(STREAMS)}")
-        for name in ("documents", "document_tokens", "requests", "output_tokens", "block_size", "trials", "window"):
-            if getattr(self, name) < 1:
-                raise KvbenchError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self._require_positive("documents", "document_tokens", "requests", "output_tokens", "block_size", "trials", "window")
         if self.ram_documents <= 0 or not 0 <= self.locality <= 1 or self.zipf_s <= 0:
             raise KvbenchError("ram_documents and zipf_s must be > 0 and locality in [0, 1]")
 
@@ -167,11 +163,6 @@ class TrafficSuiteSpec(_SpecMethods):
 
 def spec_from_dict(data: dict) -> ReuseSuiteSpec | TrafficSuiteSpec:
     cls = ReuseSuiteSpec if data.get("kind") == "reuse" else TrafficSuiteSpec
-    valid = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - valid
-    if unknown:
-        raise KvbenchError(f"unknown {cls.__name__} key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(valid))}")
-    if "name" not in data:
-        raise KvbenchError("a suite needs a name")
+    check_suite_keys(data, cls, cls.__name__)
     data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
     return cls(**data)

@@ -176,13 +176,18 @@ def to_dict(spec: SuiteSpec) -> dict:
     return d
 
 
-def from_dict(data: dict) -> SuiteSpec:
-    valid = {f.name for f in dataclasses.fields(SuiteSpec)}
+def check_suite_keys(data: dict, cls: type, what: str) -> None:
+    """Refuse keys that are not fields of the spec dataclass `cls`, and a suite without a name."""
+    valid = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - valid
     if unknown:
-        raise KvbenchError(f"unknown suite key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(valid))}")
+        raise KvbenchError(f"unknown {what} key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(valid))}")
     if "name" not in data:
         raise KvbenchError("a suite needs a name")
+
+
+def from_dict(data: dict) -> SuiteSpec:
+    check_suite_keys(data, SuiteSpec, "suite")
     data = dict(data)
     workload = data.get("workload", {})
     if isinstance(workload, dict):
