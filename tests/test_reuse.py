@@ -317,3 +317,19 @@ def test_a_full_ram_tier_keeps_the_start_of_a_chain_usable(tiny):
     generate(tiny, dynamic, [prompt], GREEDY, reuse=cache)
     result = generate(tiny, dynamic, [prompt], GREEDY, reuse=cache)
     assert result.reuse.exact_tokens == 48  # blocks 0-2 survived; evicting them first would leave nothing usable
+
+
+def test_a_content_hit_whose_block_holds_other_tokens_is_not_used(tiny):
+    """What a key collision would look like: the stored block's tokens differ from the prompt's."""
+    dynamic, vocab = build_strategy("dynamic"), tiny.config.vocab_size
+    document = _tokens(96, 20, vocab)
+    prompt = _tokens(30, 22, vocab) + document + [1, 2]
+    counts = []
+    for tamper in (False, True):
+        cache = ReuseCache(tiny, ReuseConfig(block_size=16, mode="chunk", recompute="none"))
+        generate(tiny, dynamic, [_tokens(7, 21, vocab) + document], GREEDY, reuse=cache)
+        if tamper:
+            block = next(b for b, _ in cache.store.ram.entries.values() if b.position == 32)
+            block.tokens = tuple(t + 1 for t in block.tokens)
+        counts.append(generate(tiny, dynamic, [prompt], GREEDY, reuse=cache).reuse.cached_tokens)
+    assert counts == [80, 64]

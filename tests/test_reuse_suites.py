@@ -39,6 +39,12 @@ def test_bad_reuse_specs_are_refused(data, message):
         spec_from_dict({"name": "x", "kind": "reuse", **data})
 
 
+@pytest.mark.parametrize("flag", [["--strategies", "dynamic"], ["--warmup", "2"], ["--repair"], ["--memory-limit", "1GB"]])
+def test_reuse_suites_refuse_flags_they_would_ignore(flag, capsys):
+    assert main(["run", "reuse", "--dry-run", *flag]) == 2
+    assert "takes no --strategies, --warmup, --repair or --memory-limit" in capsys.readouterr().err
+
+
 def test_parse_mode():
     assert parse_mode("none") == ("none", None)
     assert parse_mode("chunk:cacheblend") == ("chunk", "cacheblend")

@@ -246,8 +246,9 @@ def _run_reuse(spec, args) -> int:
     from kvbench.bench.reuse_runner import run_reuse_suite
     from kvbench.bench.runner import RunOptions
 
-    if args.strategies or args.warmup is not None:
-        raise KvbenchError(f"suite {spec.name!r} is a {spec.kind} suite: it takes no --strategies or --warmup")
+    if args.strategies or args.warmup is not None or args.repair or args.memory_limit:
+        raise KvbenchError(f"suite {spec.name!r} is a {spec.kind} suite: it takes no --strategies, --warmup, "
+                           "--repair or --memory-limit")
     spec = spec.resolved(args.quick, model=args.model, device=args.device, dtype=args.dtype, trials=args.trials)
     if args.dry_run:
         print(f"{spec.name}: {len(spec.points())} request sequences x {spec.trials} trials on {spec.model}")
