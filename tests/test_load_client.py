@@ -43,13 +43,13 @@ def run(url, reqs, schedule, kind="completions", timeout_s=30.0, max_concurrency
 @pytest.mark.parametrize("kind", ["completions", "chat"])
 def test_every_fault_is_recorded_with_its_reason_and_the_run_goes_on(kind):
     config = FakeConfig(stall_s=2.0, slow_first_s=0.2)
-    prompts = ["fine"] + [f"a [[fault:{f}]]" for f in FAULTS] + ["fine again"]
+    prompts = ["fine"] + [f"a [[fault:{f}]]" for f in FAULTS] + ["also fine"]
     with FakeServer(config) as url:
         records = run(url, requests(*prompts), [0.0] * len(prompts), kind, timeout_s=0.5)
     status = {p: r["status"] for p, r in zip(prompts, records)}
     assert status == {"fine": "ok", "a [[fault:slow_first]]": "ok", "a [[fault:http_500]]": "http_500",
                       "a [[fault:malformed]]": "malformed_sse", "a [[fault:drop]]": "connection_dropped",
-                      "a [[fault:stall]]": "timeout", "a [[fault:no_usage]]": "ok", "fine again": "ok"}
+                      "a [[fault:stall]]": "timeout", "a [[fault:no_usage]]": "ok", "also fine": "ok"}
     by = dict(zip(prompts, records))
     ok = by["fine"]
     assert ok["usage_source"] == "server" and ok["output_tokens"] == 5 and ok["prompt_tokens"] == 1
