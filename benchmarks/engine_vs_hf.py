@@ -19,6 +19,7 @@ from transformers import DynamicCache
 from kvbench.bench.workloads import synthetic_prompt
 from kvbench.device import clock
 from kvbench.engine import GenerationConfig, generate
+from kvbench.engine.model_runner import cache_keyword
 from kvbench.models import load_model
 from kvbench.strategies import build_strategy
 
@@ -35,7 +36,7 @@ def time_hf(lm, prompt, new_tokens):
     start = clock(lm.device)
     out = lm.model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-        do_sample=False, past_key_values=DynamicCache(config=lm.config), pad_token_id=lm.eos_token_ids[0],
+        do_sample=False, **{cache_keyword(type(lm.model)): DynamicCache(config=lm.config)}, pad_token_id=lm.eos_token_ids[0],
     )
     elapsed = clock(lm.device) - start
     assert out.shape[1] == len(prompt) + new_tokens

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from kvbench.engine import GenerationConfig, generate
+from kvbench.engine.model_runner import forward
 from kvbench.errors import KvbenchError
 from kvbench.strategies import build_strategy
 from kvbench.strategies.budget import capacity
@@ -77,7 +78,7 @@ def _cache_after_prefill(lm, strategy, prompt):
     cache = strategy.make_cache(lm, 1, len(prompt), 1)
     ids = torch.tensor([prompt])
     with torch.inference_mode(), strategy.attach(lm, cache):
-        lm.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        forward(lm.model, ids, cache=cache)
     return cache
 
 

@@ -82,3 +82,20 @@ def test_token_ids_outside_vocab_are_refused(tiny):
 def test_bad_sampling_values(kwargs):
     with pytest.raises(KvbenchError):
         SamplingConfig(**kwargs)
+
+
+
+def test_the_model_runner_passes_the_cache_by_a_keyword_that_does_not_warn(tiny):
+    import inspect
+    import warnings
+
+    from transformers import DynamicCache
+
+    from kvbench.engine.model_runner import cache_keyword, forward
+
+    assert cache_keyword(type(tiny.model)) in inspect.signature(type(tiny.model).forward).parameters
+    cache = DynamicCache(config=tiny.config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # transformers' deprecations warn with FutureWarning
+        logits = forward(tiny.model, torch.tensor([[5, 6, 7]]), cache=cache)
+    assert logits.shape[:2] == (1, 1) and cache.get_seq_length() == 3

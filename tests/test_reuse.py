@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from kvbench.engine import GenerationConfig, generate
+from kvbench.engine.model_runner import forward
 from kvbench.engine.reuse import ReusingEngine
 from kvbench.errors import KvbenchError
 from kvbench.reuse import ReuseCache, ReuseConfig
@@ -64,7 +65,7 @@ def _layer0_keys(lm, ids, offset):
 
     cache = DynamicCache(config=lm.config)
     positions = torch.arange(offset, offset + len(ids))[None]
-    lm.model(input_ids=torch.tensor([ids]), position_ids=positions, past_key_values=cache, use_cache=True)
+    forward(lm.model, torch.tensor([ids]), cache=cache, positions=positions)
     return cache.layers[0].keys  # layer 0's keys depend only on the token and its position
 
 

@@ -8,16 +8,20 @@ from these raw timestamps by `kvbench.bench.metrics`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from kvbench.device import clock
+from kvbench.engine import model_runner
 from kvbench.engine.memory import PhaseMemory
 from kvbench.engine.sampling import Sampler, SamplingConfig
 from kvbench.errors import KvbenchError
 from kvbench.models import LoadedModel
-from kvbench.reuse import RequestReuse, ReuseCache
 from kvbench.strategies.base import CacheStrategy
+
+if TYPE_CHECKING:
+    from kvbench.reuse import RequestReuse, ReuseCache
 
 
 @dataclass(frozen=True)
@@ -114,15 +118,8 @@ def generate(
     step_times: list[float] = []
 
     def forward(step_ids, step_positions):
-        out = model(
-            input_ids=step_ids,
-            attention_mask=mask if padded else None,
-            position_ids=step_positions,
-            past_key_values=cache,
-            use_cache=uses_cache,
-            logits_to_keep=1,
-        )
-        return out.logits[:, -1]
+        return model_runner.forward(model, step_ids, cache=cache if uses_cache else None, positions=step_positions,
+                                    attention_mask=mask if padded else None)[:, -1]
 
     with strategy.attach(lm, cache), PhaseMemory(device) as memory:
         memory.phase("prefill")
@@ -153,6 +150,7 @@ def generate(
                 logits = forward(ids, positions)
             next_tokens = sampler(logits)
 
+    strategy.check_engaged(cache)
     if reuse is not None:
         reuse.store_blocks(cache, prompts[0], reused.exact_until)
     return GenerationResult(

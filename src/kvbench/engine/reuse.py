@@ -16,6 +16,7 @@ from transformers import DynamicCache
 
 from kvbench.device import clock
 from kvbench.engine.generate import GenerationConfig, GenerationResult, generate
+from kvbench.engine.model_runner import forward
 from kvbench.models import LoadedModel
 from kvbench.reuse import RequestReuse, ReuseCache, ReuseConfig
 from kvbench.strategies import build_strategy
@@ -70,9 +71,9 @@ def prefill_floor_ms(lm: LoadedModel, ids: list[int], cached: int) -> float:
     device = lm.device
     cache = DynamicCache(config=lm.config)
     prompt = torch.tensor([ids], dtype=torch.long, device=device)
-    lm.model(input_ids=prompt[:, :cached], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    forward(lm.model, prompt[:, :cached], cache=cache)
     start = clock(device)
-    out = lm.model(input_ids=prompt[:, cached:], position_ids=torch.arange(cached, len(ids), device=device)[None],
-                   past_key_values=cache, use_cache=True, logits_to_keep=1)
-    out.logits[:, -1].argmax(-1).tolist()
+    logits = forward(lm.model, prompt[:, cached:], cache=cache,
+                     positions=torch.arange(cached, len(ids), device=device)[None])
+    logits[:, -1].argmax(-1).tolist()
     return (clock(device) - start) * 1e3

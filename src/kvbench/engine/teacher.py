@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from kvbench.engine.generate import check_prompts
+from kvbench.engine.model_runner import forward
 from kvbench.models import LoadedModel
 from kvbench.strategies.base import CacheStrategy
 
@@ -29,15 +30,14 @@ def teacher_forced_logprobs(
     ids = torch.tensor([prompt], device=device)
     rows = []
     with strategy.attach(lm, cache):
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=uses_cache, logits_to_keep=1).logits[:, -1]
-        rows.append(logits)
+        rows.append(forward(model, ids, cache=cache if uses_cache else None)[:, -1])
         for position, token in enumerate(continuation[:-1], start=len(prompt)):
             step = torch.tensor([[token]], device=device)
             if uses_cache:
-                out = model(input_ids=step, position_ids=torch.tensor([[position]], device=device),
-                            past_key_values=cache, use_cache=True)
+                logits = forward(model, step, cache=cache, positions=torch.tensor([[position]], device=device))
             else:
                 ids = torch.cat([ids, step], dim=-1)
-                out = model(input_ids=ids, use_cache=False, logits_to_keep=1)
-            rows.append(out.logits[:, -1])
+                logits = forward(model, ids)
+            rows.append(logits[:, -1])
+    strategy.check_engaged(cache)
     return torch.cat(rows).float().log_softmax(dim=-1).cpu()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvbench.engine.model_runner import forward
 from kvbench.reuse.plan import Hit
 from kvbench.reuse.rope import Rerotator
 from kvbench.reuse.store import Block
@@ -85,7 +86,7 @@ def blend_positions(lm, ids: torch.Tensor, covered: torch.Tensor, kv: torch.Tens
     after = layers[recompute.probe_layer + 1] if recompute.probe_layer + 1 < len(layers) else None
     stop = after.register_forward_pre_hook(_raise_stop) if after is not None else None
     try:
-        lm.model(input_ids=ids, past_key_values=probe, use_cache=True, logits_to_keep=1)
+        forward(lm.model, ids, cache=probe)
     except _Stop:
         pass
     finally:
@@ -126,10 +127,10 @@ def prefill(lm, cache, tokens: list[int], loaded: list[tuple[Hit, Block]], kv: t
         allowed = key_positions[None, :] <= compute[:, None]
         mask = torch.zeros(allowed.shape, dtype=lm.dtype).masked_fill(~allowed, torch.finfo(lm.dtype).min)
         mask = mask[None, None].to(device)
-    out = lm.model(input_ids=ids[compute.to(device)][None], position_ids=compute.to(device)[None],
-                   attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    logits = forward(lm.model, ids[compute.to(device)][None], cache=cache, positions=compute.to(device)[None],
+                     attention_mask=mask)
     if not tail:
         order = torch.cat([kept, compute]).argsort().to(device)
         for layer in cache.layers:
             layer.keys, layer.values = layer.keys.index_select(2, order), layer.values.index_select(2, order)
-    return out.logits[:, -1]
+    return logits[:, -1]

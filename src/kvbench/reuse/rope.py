@@ -53,13 +53,14 @@ def check_rerotation(model: torch.nn.Module, rerotator: Rerotator, tokens: int =
     embeddings...): layer 0's keys of the same tokens at two positions, one moved onto the other."""
     from transformers import DynamicCache
 
+    from kvbench.engine.model_runner import forward
+
     ids = torch.arange(16, 16 + tokens, device=model.device)[None]
     keys = []
     for offset in (3, 3 + shift):
         cache = DynamicCache(config=model.config)
         with torch.inference_mode():
-            model(input_ids=ids, position_ids=torch.arange(offset, offset + tokens, device=model.device)[None],
-                  past_key_values=cache, use_cache=True, logits_to_keep=1)
+            forward(model, ids, cache=cache, positions=torch.arange(offset, offset + tokens, device=model.device)[None])
         keys.append(cache.layers[0].keys.float())
     moved = rerotator.shift(keys[0], shift)
     error = (moved - keys[1]).abs().max() / keys[1].abs().max().clamp(min=1e-6)

@@ -55,6 +55,14 @@ class CacheStrategy:
             for layer in cache.layers
         )
 
+    def check_engaged(self, cache: Cache | None) -> None:
+        """Raise `NotEngaged` if the strategy's mechanism should have acted on this generation but did not.
+
+        Called after every generation, so a strategy silently reduced to another (hooks that no longer
+        fire, a fetch that gets no query) fails the measurement instead of producing a plausible record.
+        The reference modes have no mechanism to check.
+        """
+
     def notes(self, device: torch.device) -> list[str]:
         """Plain-language caveats for this device (printed and stored with the run)."""
         return []

@@ -15,7 +15,7 @@ import torch
 from transformers import Cache
 from transformers.cache_utils import DynamicLayer
 
-from kvbench.errors import KvbenchError
+from kvbench.errors import KvbenchError, NotEngaged
 from kvbench.strategies.base import Capabilities, CacheStrategy
 from kvbench.strategies.budget import capacity, validate_budget
 from kvbench.strategies.scores import attention_hooks
@@ -32,9 +32,13 @@ class EvictingLayer(DynamicLayer):
         self.budget = budget
         self.seen = 0
         self.mass: torch.Tensor | None = None  # accumulated attention per cached token (H2O)
+        self.prompt_tokens: int | None = None  # tokens of the first update (the prefill)
+        self.observations = 0  # attention-score hook calls on this layer
 
     def update(self, key_states, value_states, *args, **kwargs):
         keys, values = super().update(key_states, value_states)
+        if self.prompt_tokens is None:
+            self.prompt_tokens = key_states.shape[-2]
         self.seen += key_states.shape[-2]
         return keys, values
 
@@ -103,6 +107,21 @@ class EvictionStrategy(CacheStrategy):
         """Tokens the strategy always keeps (recent window, attention sinks)."""
         raise NotImplementedError
 
+    def max_held(self, layer: EvictingLayer) -> int:
+        """The most tokens `layer` may hold after its last update if eviction ran: the budget of the tokens
+        seen, plus the decode slack not yet evicted."""
+        return capacity(self.budget, layer.seen) + EVICT_SLACK
+
+    def check_engaged(self, cache) -> None:
+        for index, layer in enumerate(cache.layers):
+            if layer.seen and layer.size > self.max_held(layer):
+                raise NotEngaged(
+                    f"{self.name} did not evict: layer {index} holds {layer.size} of {layer.seen} tokens seen, over "
+                    f"its budget {self.budget} (at most {self.max_held(layer)}); the run would measure an unevicted "
+                    "cache. If transformers changed how attention layers are called, use a tested version "
+                    "(kvbench env)"
+                )
+
 
 @dataclass
 class ScoredEviction(EvictionStrategy):
@@ -121,8 +140,22 @@ class ScoredEviction(EvictionStrategy):
 
     @contextmanager
     def attach(self, lm, cache):
-        with attention_hooks(lm.model, self.observe, before=self.observe_before):
+        def observe(module, hidden, rope):
+            cache.layers[module.layer_idx].observations += 1
+            self.observe(module, hidden, rope, cache)
+
+        with attention_hooks(lm.model, observe, before=self.observe_before):
             yield
+
+    def check_engaged(self, cache) -> None:
+        unobserved = [i for i, layer in enumerate(cache.layers) if layer.seen and not layer.observations]
+        if unobserved:
+            raise NotEngaged(
+                f"{self.name}'s attention-score hooks never fired on layer(s) {', '.join(map(str, unobserved))}; "
+                "without scores it cannot choose tokens. If transformers changed how attention layers are called, "
+                "use a tested version (kvbench env)"
+            )
+        super().check_engaged(cache)
 
     def observe(self, module: torch.nn.Module, hidden: torch.Tensor, rope, cache: Cache) -> None:
         """Called around `module`'s attention: hidden [batch, q_len, hidden], rope (cos, sin), the cache."""

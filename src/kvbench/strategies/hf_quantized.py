@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from transformers import QuantizedCache
 
-from kvbench.errors import KvbenchError
+from kvbench.errors import KvbenchError, NotEngaged
 from kvbench.strategies import register
 from kvbench.strategies.base import Capabilities, CacheStrategy, tensor_bytes
 
@@ -64,6 +64,11 @@ class HfQuantized(CacheStrategy):
             return QuantizedCache("fp8", lm.config)
         return QuantizedCache(self.backend, lm.config, nbits=self.bits, q_group_size=self.group_size,
                               residual_length=self.residual)
+
+    def check_engaged(self, cache) -> None:
+        # transformers quantizes the whole prompt on the first update: any filled layer holds quantized states.
+        if any(layer.is_initialized and getattr(layer, "_quantized_keys", None) is None for layer in cache.layers):
+            raise NotEngaged(f"hf_quantized ({self.backend}) holds no quantized keys; the run would measure a float cache")
 
     def kv_bytes(self, cache) -> int:
         # transformers keeps the quantized states in private attributes; there is no public accessor.

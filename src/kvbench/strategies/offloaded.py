@@ -13,6 +13,7 @@ import torch
 from transformers import Cache, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from kvbench.errors import NotEngaged
 from kvbench.strategies import register
 from kvbench.strategies.base import CacheStrategy
 
@@ -39,6 +40,14 @@ class Offloaded(CacheStrategy):
         if lm.device.type == "cuda":
             return DynamicCache(config=lm.config, offloading=True)
         return Cache(layers=[HostOffloadedLayer() for _ in range(lm.config.num_hidden_layers)])
+
+    def check_engaged(self, cache) -> None:
+        resident = [i for i, layer in enumerate(cache.layers) if layer.is_initialized and layer.keys.device.type != "cpu"]
+        if len(resident) > 1:  # transformers' offloading leaves at most the prefetched layer on the device
+            raise NotEngaged(
+                f"offloaded: layers {', '.join(map(str, resident))} kept their KV on the compute device; nothing was "
+                "offloaded"
+            )
 
     def notes(self, device):
         if device.type == "cuda":

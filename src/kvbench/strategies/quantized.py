@@ -17,7 +17,7 @@ import torch
 from transformers import Cache
 from transformers.cache_utils import DynamicLayer
 
-from kvbench.errors import KvbenchError
+from kvbench.errors import KvbenchError, NotEngaged
 from kvbench.strategies import register
 from kvbench.strategies.base import Capabilities, CacheStrategy, tensor_bytes
 
@@ -79,6 +79,7 @@ class QuantizedLayer(DynamicLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+            self.compute_dtype = key_states.dtype  # what attention gets back (transformers >= 5.24 keeps no layer dtype)
             self.value_group = min(self.group, key_states.shape[-1])
             self.stored = self.float_dtype or key_states.dtype
             n = key_states.shape[-2]
@@ -120,25 +121,32 @@ class QuantizedLayer(DynamicLayer):
         b, h, n = self.key_codes.shape[:3]
         d = self.recent_k.shape[-1]
         kc = unpack(self.key_codes, self.bits).view(b, h, n // self.group, self.group, d)
-        k = kc.to(self.dtype) * self.key_scale.unsqueeze(3).to(self.dtype) + self.key_zero.unsqueeze(3).to(self.dtype)
+        dtype = self.compute_dtype
+        k = kc.to(dtype) * self.key_scale.unsqueeze(3).to(dtype) + self.key_zero.unsqueeze(3).to(dtype)
         vc = unpack(self.value_codes, self.bits).view(b, h, n, d // self.value_group, self.value_group)
-        v = vc.to(self.dtype) * self.value_scale.unsqueeze(4).to(self.dtype) + self.value_zero.unsqueeze(4).to(self.dtype)
+        v = vc.to(dtype) * self.value_scale.unsqueeze(4).to(dtype) + self.value_zero.unsqueeze(4).to(dtype)
         return k.view(b, h, n, d), v.view(b, h, n, d)
 
     def _full(self) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = [self.sink_k.to(self.dtype)], [self.sink_v.to(self.dtype)]
+        keys, values = [self.sink_k.to(self.compute_dtype)], [self.sink_v.to(self.compute_dtype)]
         if self.body_tokens:
             k, v = self._dequantized_body()
             keys.append(k)
             values.append(v)
-        keys.append(self.recent_k.to(self.dtype))
-        values.append(self.recent_v.to(self.dtype))
+        keys.append(self.recent_k.to(self.compute_dtype))
+        values.append(self.recent_v.to(self.compute_dtype))
         return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
 
     def get_seq_length(self) -> int:
         if not self.is_initialized:
             return 0
         return self.sink_k.shape[-2] + self.body_tokens + self.recent_k.shape[-2]
+
+    def expected_body_tokens(self) -> int:
+        """Tokens that must be quantized by now: every whole group between the sinks and the residual window."""
+        if not self.is_initialized:
+            return 0
+        return max(0, self.get_seq_length() - self.sink_k.shape[-2] - self.residual) // self.group * self.group
 
     def nbytes(self) -> int:
         return tensor_bytes(self.sink_k, self.sink_v, self.recent_k, self.recent_v, self.key_codes, self.key_scale,
@@ -167,6 +175,16 @@ class Quantized(CacheStrategy):
             raise KvbenchError("residual and sink_tokens must be >= 0")
         if self.float_dtype not in FLOAT_DTYPES:
             raise KvbenchError(f"float_dtype {self.float_dtype!r} not supported; valid: {', '.join(FLOAT_DTYPES)}")
+
+    def check_engaged(self, cache) -> None:
+        for index, layer in enumerate(cache.layers):
+            expected = layer.expected_body_tokens()
+            codes = 0 if layer.key_codes is None else layer.key_codes.shape[-2]
+            if layer.body_tokens != expected or codes != expected:
+                raise NotEngaged(
+                    f"quantized holds {codes} quantized tokens in layer {index} where {expected} must be quantized by "
+                    "now; the run would measure a float cache"
+                )
 
     def make_cache(self, lm, batch_size, prompt_tokens, max_new_tokens):
         head_dim = getattr(lm.config, "head_dim", None) or lm.config.hidden_size // lm.config.num_attention_heads

@@ -14,7 +14,7 @@ import torch
 
 from kvbench.errors import KvbenchError
 
-ScoreObserver = Callable[[torch.nn.Module, torch.Tensor, tuple[torch.Tensor, torch.Tensor], object], None]
+ScoreObserver = Callable[[torch.nn.Module, torch.Tensor, tuple[torch.Tensor, torch.Tensor]], None]
 
 
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -30,16 +30,23 @@ def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 @contextmanager
 def attention_hooks(model: torch.nn.Module, observe: ScoreObserver, before: bool = False) -> Iterator[None]:
-    """Call `observe(module, hidden_states, position_embeddings, cache)` after (or before) each attention layer."""
+    """Call `observe(module, hidden_states, position_embeddings)` after (or before) each attention layer.
+
+    The cache is not taken from the layer's arguments (transformers renames that keyword between
+    versions): the caller's `observe` already holds the cache it made. A layer that gets no rotary
+    embeddings cannot be scored and fails loudly instead of being skipped.
+    """
 
     def hook(module, args, kwargs, output=None):
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         rope = kwargs.get("position_embeddings")
-        cache = kwargs.get("past_key_values")
-        if rope is None:
-            raise KvbenchError(f"{type(module).__name__} gets no rotary position embeddings; cannot score attention")
-        if cache is not None:
-            observe(module, hidden, rope, cache)
+        if hidden is None or rope is None:
+            raise KvbenchError(
+                f"{type(module).__name__} gets no {'hidden states' if hidden is None else 'rotary position embeddings'}"
+                " as this transformers version calls it; attention scores cannot be computed (kvbench env shows "
+                "the tested transformers range)"
+            )
+        observe(module, hidden, rope)
 
     modules = attention_modules(model)
     if before:

@@ -31,6 +31,11 @@ class SnapKV(ScoredEviction):
         if self.kernel < 1 or self.kernel % 2 == 0:
             raise KvbenchError(f"kernel must be a positive odd number, got {self.kernel}")
 
+    def max_held(self, layer) -> int:
+        """Only the prompt is compressed; decoded tokens are all kept."""
+        prompt = layer.prompt_tokens
+        return min(prompt, capacity(self.budget, prompt)) + layer.seen - prompt
+
     def observe(self, module, hidden, rope, cache) -> None:
         layer = cache.layers[module.layer_idx]
         prompt_len = hidden.shape[1]

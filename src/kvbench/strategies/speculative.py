@@ -16,7 +16,7 @@ import torch
 from transformers import Cache
 from transformers.cache_utils import DynamicLayer
 
-from kvbench.errors import KvbenchError
+from kvbench.errors import KvbenchError, NotEngaged
 from kvbench.strategies import register
 from kvbench.strategies.base import tensor_bytes
 from kvbench.strategies.budget import capacity
@@ -33,6 +33,10 @@ class SpeculativeLayer(DynamicLayer):
         self.channels: torch.Tensor | None = None  # [batch, kv_heads, 1, r] indices of the scoring channels
         self.partial: torch.Tensor | None = None  # [batch, kv_heads, n, r] on the compute device
         self.query: torch.Tensor | None = None  # [batch, heads, 1, head_dim], set before each decode step
+        self.observations = 0  # pre-attention hook calls on this layer
+        self.partial_steps = 0  # decode steps whose fetch was smaller than the cache...
+        self.full_steps_unscored = 0  # ...and those that should have been but had no query to score
+        self.fetched_tokens = self.held_tokens = 0  # summed over decode steps
 
     def fetch_count(self, tokens: int) -> int:
         return min(tokens, max(capacity(self.budget, tokens), self.window + 1))
@@ -51,10 +55,16 @@ class SpeculativeLayer(DynamicLayer):
         self.partial = torch.cat([self.partial, key_states.gather(-1, self.channels)], dim=-2)
         n = self.keys.shape[-2]
         fetch = self.fetch_count(n)
-        if fetch >= n or self.query is None:
+        query, self.query = self.query, None  # each step scores with its own query, never a stale one
+        self.held_tokens += n
+        if fetch >= n or query is None:
+            self.full_steps_unscored += fetch < n
+            self.fetched_tokens += n
             return self.keys.to(device), self.values.to(device)
+        self.partial_steps += 1
+        self.fetched_tokens += fetch
         batch, kv_heads = self.partial.shape[:2]
-        q = self.query.view(batch, kv_heads, -1, self.query.shape[-1]).mean(dim=2, keepdim=True)
+        q = query.view(batch, kv_heads, -1, query.shape[-1]).mean(dim=2, keepdim=True)
         approx = (self.partial * q.gather(-1, self.channels)).sum(-1)  # [batch, kv_heads, n]
         index = keep_top(approx, min(self.window, fetch), fetch).to(self.offload)
         expanded = index.unsqueeze(-1).expand(-1, -1, -1, self.keys.shape[-1])
@@ -91,6 +101,15 @@ class SpeculativeFetch(ScoredEviction):
     def observe(self, module, hidden, rope, cache) -> None:
         if hidden.shape[1] == 1:
             cache.layers[module.layer_idx].query = queries(module, hidden, rope)
+
+    def check_engaged(self, cache) -> None:
+        unscored = sum(layer.full_steps_unscored for layer in cache.layers)
+        if unscored or not all(layer.observations for layer in cache.layers if layer.is_initialized):
+            raise NotEngaged(
+                f"speculative_fetch fetched the whole cache on {unscored} layer-step(s) where its budget "
+                f"{self.budget} called for a partial fetch: its pre-attention hooks gave no query. If transformers "
+                "changed how attention layers are called, use a tested version (kvbench env)"
+            )
 
     def notes(self, device):
         if device.type == "cuda":
