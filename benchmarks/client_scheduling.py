@@ -4,20 +4,25 @@ The fake server (zero delay, `kvbench.clients.fake`) runs in its own process so 
 share the client's interpreter; the client runs `kvbench.clients.loadgen.run_load` at each offered
 rate and we read the achieved rate and the send lag (actual minus scheduled send) from its records.
 Run under the CPU lock:  flock /tmp/kvbench-cpu.lock .venv/bin/python benchmarks/client_scheduling.py
+`--out FILE.json` records the rows and the host (benchmarks/recorded/client-scheduling/results.json).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 
+from kvbench.bench.environment import describe_host
 from kvbench.bench.metrics import summarize
+from kvbench.bench.records import atomic_write_text
 from kvbench.clients.arrivals import Arrivals
 from kvbench.clients.loadgen import run_load
 from kvbench.clients.stream import Endpoint
@@ -60,7 +65,9 @@ def main() -> None:
     parser.add_argument("--rates", default="250,500,750,1000")
     parser.add_argument("--seconds", type=float, default=4.0, help="arrivals per rate")
     parser.add_argument("--output-tokens", type=int, default=4)
+    parser.add_argument("--out", type=Path, help="write the rows and the host description to this JSON file")
     args = parser.parse_args()
+    rows = []
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "kvbench.clients.fake", "--port", str(port)],
                               stdout=subprocess.DEVNULL)
@@ -72,11 +79,16 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|---|")
         for rate in (float(r) for r in args.rates.split(",")):
             m = measure(url, rate, int(rate * args.seconds), args.output_tokens, seed=0)
+            rows.append(m)
             print(f"| {m['offered']:g} | {m['requests']} | {m['ok']} | {m['sent_per_s']:.0f} | {m['completed_per_s']:.0f} "
                   f"| {m['lag_p50']:.2f} | {m['lag_p99']:.2f} | {m['lag_max']:.2f} |", flush=True)
     finally:
         server.terminate()
         server.wait(10)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.out, json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                "host": describe_host(), "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -4,18 +4,24 @@ Both are timed the same way, from outside: decode time = wall time for N new tok
 time for 1 new token (the prefill + first token), so decode tokens/s = (N - 1) / that difference.
 Runs alternate between the two to spread any drift of the machine evenly; medians are reported.
 
-    python benchmarks/engine_vs_hf.py [--model smollm2-135m] [--prompt-tokens 512] [--new-tokens 64]
+    python benchmarks/engine_vs_hf.py [--model smollm2-135m] [--prompt-tokens 512] [--new-tokens 64] [--out FILE.json]
+
+`--out` records every run, the medians and the environment (benchmarks/recorded/engine-vs-hf/results.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from transformers import DynamicCache
 
+from kvbench.bench.environment import describe
+from kvbench.bench.records import atomic_write_text
 from kvbench.bench.workloads import synthetic_prompt
 from kvbench.device import clock
 from kvbench.engine import GenerationConfig, generate
@@ -49,6 +55,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, help="write the runs, medians and environment to this JSON file")
     args = parser.parse_args()
 
     from transformers.utils import logging
@@ -74,6 +81,13 @@ def main() -> None:
     print(f"  ratio engine / generate: {med['kvbench engine'] / med['transformers generate']:.3f}x")
     # Decode reads every weight once per step: bytes/s achieved shows how close to memory bandwidth we run.
     print(f"  weights streamed by the engine: {lm.weight_bytes * med['kvbench engine'] / 1e9:.2f} GB/s")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.out, json.dumps({
+            "args": {k: str(v) for k, v in vars(args).items()}, "environment": describe(lm.device),
+            "model_fingerprint": lm.fingerprint, "decode_tokens_per_s": decode_tps, "median": med,
+            "ratio_engine_over_generate": med["kvbench engine"] / med["transformers generate"],
+        }, indent=1) + "\n")
 
 
 if __name__ == "__main__":
