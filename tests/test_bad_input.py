@@ -1,0 +1,64 @@
+"""Bad input gets one line on stderr (`kvbench: error: ...`) and a non-zero exit, never a traceback
+or a silently wrong result."""
+
+import pytest
+import yaml
+
+from kvbench.cli import main
+from kvbench.strategies import build_strategy
+
+
+def one_line_error(argv: list[str], capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvbench: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def write_suite(tmp_path, data: dict) -> str:
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"trials": "3"}, "suite key trials must be a whole number, got '3'"),
+    ({"warmup": "1"}, "suite key warmup must be a whole number, got '1'"),
+    ({"trials": 2.0}, "suite key trials must be a whole number, got 2.0"),
+    ({"workload": "synthetic"}, "suite key workload must be a mapping, got 'synthetic'"),
+    ({"workload": {"kind": "needle", "depths": 0.5}}, "workload key depths must be a list, got 0.5; write depths: [0.5]"),
+    ({"workload": {"kind": "text", "prompts": "Hello"}}, "workload key prompts must be a list, got 'Hello'"),
+    ({"batch_sizes": 2}, "suite key batch_sizes must be a list, got 2"),
+    ({"prompt_tokens": ["8"]}, "suite key prompt_tokens must be a list of a whole number or null, got '8' in it"),
+    ({"kind": "reuse", "break_even": 512}, "ReuseSuiteSpec key break_even must be a list, got 512"),
+    ({"kind": "reuse", "workloads": "code"}, "ReuseSuiteSpec key workloads must be a list, got 'code'"),
+    ({"kind": "reuse", "tiers": "disk"}, "ReuseSuiteSpec key tiers must be a list, got 'disk'"),
+    ({"kind": "traffic", "documents": "12"}, "TrafficSuiteSpec key documents must be a whole number, got '12'"),
+])
+def test_suite_values_of_the_wrong_type_are_refused(data, message, tmp_path, capsys):
+    assert message in one_line_error(["run", write_suite(tmp_path, {"name": "x", **data}), "--dry-run"], capsys)
+
+
+@pytest.mark.parametrize("strategy, message", [
+    ("quantized:bits=4.0", "strategy 'quantized' parameter bits must be a whole number, got 4.0"),
+    ("quantized:group_size=64.0", "strategy 'quantized' parameter group_size must be a whole number, got 64.0"),
+    ("h2o:window=8.0", "strategy 'h2o' parameter window must be a whole number, got 8.0"),
+    ("snapkv:window=8.0", "strategy 'snapkv' parameter window must be a whole number, got 8.0"),
+    ("sink:budget=true", "strategy 'sink' parameter budget must be a number, got True"),
+])
+def test_strategy_parameters_of_the_wrong_type_are_refused(strategy, message, capsys):
+    assert message in one_line_error(["run", "prompt-sweep", "--strategies", strategy, "--dry-run"], capsys)
+    assert message in one_line_error(["generate", "hi", "--strategy", strategy], capsys)
+
+
+def test_typed_fields_keep_what_their_annotations_allow():
+    assert build_strategy("h2o", budget=64).budget == 64  # float | int: a token count
+    assert build_strategy("h2o", budget=0.25).budget == 0.25  # ... or a fraction
+    assert build_strategy("quantized", bits=4).bits == 4
+    assert build_strategy("hf_quantized", backend="fp8", bits=None).bits is None
+
+
+def test_a_float_field_takes_a_whole_number():
+    from kvbench.bench.reuse_spec import spec_from_dict
+
+    assert spec_from_dict({"name": "x", "kind": "traffic", "zipf_s": 2, "ram_documents": 3}).zipf_s == 2
