@@ -62,3 +62,16 @@ def test_a_float_field_takes_a_whole_number():
     from kvbench.bench.reuse_spec import spec_from_dict
 
     assert spec_from_dict({"name": "x", "kind": "traffic", "zipf_s": 2, "ram_documents": 3}).zipf_s == 2
+
+
+@pytest.mark.parametrize("temperature", ["nan", "inf", "-1", "1e-30"])
+def test_temperatures_that_cannot_sample_are_refused(temperature, capsys):
+    err = one_line_error(["generate", "hi", "--model", "synthetic:tiny", "--temperature", temperature], capsys)
+    assert "temperature must be 0 (greedy) or a finite number >= 0.001" in err
+
+
+def test_usable_temperatures_are_kept():
+    from kvbench.engine import SamplingConfig
+
+    assert SamplingConfig(temperature=0).greedy
+    assert SamplingConfig(temperature=0.001).temperature == 0.001

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--strategy", default="dynamic",
                    help=f"one of {', '.join(STRATEGIES.names())}, with parameters as name:key=value (e.g. h2o:budget=0.25)")
     g.add_argument("--max-new-tokens", type=int, default=gen.max_new_tokens)
-    g.add_argument("--temperature", type=float, default=sampling.temperature, help="0 is greedy")
+    g.add_argument("--temperature", type=float, default=sampling.temperature, help="0 is greedy; otherwise at least 0.001")
     g.add_argument("--top-k", type=int, default=sampling.top_k)
     g.add_argument("--top-p", type=float, default=sampling.top_p)
     g.add_argument("--seed", type=int, default=sampling.seed)
