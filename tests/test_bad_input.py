@@ -1,6 +1,8 @@
 """Bad input gets one line on stderr (`kvbench: error: ...`) and a non-zero exit, never a traceback
 or a silently wrong result."""
 
+import json
+
 import pytest
 import yaml
 
@@ -75,3 +77,37 @@ def test_usable_temperatures_are_kept():
 
     assert SamplingConfig(temperature=0).greedy
     assert SamplingConfig(temperature=0.001).temperature == 0.001
+
+
+@pytest.mark.parametrize("text", ["{\"suite\": \"x\",", "[1, 2]"])
+def test_report_refuses_a_corrupt_run_json(text, tmp_path, capsys):
+    (tmp_path / "results.jsonl").write_text("{}\n")
+    (tmp_path / "run.json").write_text(text)
+    assert "run.json is corrupt (not a JSON object)" in one_line_error(["report", str(tmp_path)], capsys)
+
+
+def test_a_reuse_run_without_run_json_is_reported_from_its_records(tmp_path, capsys):
+    def record(mode, index, ttft):
+        return {"suite": "my-reuse", "model": "m", "point": f"doc/{mode}/ram", "workload": "doc", "reuse_mode": mode,
+                "recompute": None, "tier": "ram", "trial": 0, "request_index": index, "ttft_ms": ttft,
+                "prompt_tokens": 100, "reuse_ratio": 0.9 if mode == "prefix" and index else 0.0, "greedy_match": True}
+
+    records = [record(mode, i, ttft) for mode, ttfts in (("none", (100, 100)), ("prefix", (110, 20)))
+               for i, ttft in enumerate(ttfts)]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["report", str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert report.startswith("# my-reuse") and "run.json is missing" in report
+    assert "5.0" in report  # prefix speedup 100 / 20, from the records
+
+
+@pytest.mark.parametrize("suite, found", [("tiny", "load"), ("reuse", "load"), ("tiny", "reuse"), ("reuse", "traffic")])
+def test_resume_refuses_a_directory_of_another_kind_of_run(suite, found, tiny_suite, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"kind": found}))
+    (out / "results.jsonl").write_text(json.dumps({"request_rate": "inf"}) + "\n")
+    argv = ["run", str(tiny_suite) if suite == "tiny" else suite, "--resume", "--out", str(out), "--no-progress"]
+    kind = "suite" if suite == "tiny" else "reuse"
+    assert f"holds a {found} run, not a {kind} run" in one_line_error(argv, capsys)
+    assert (out / "results.jsonl").read_text() == json.dumps({"request_rate": "inf"}) + "\n"

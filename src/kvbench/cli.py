@@ -266,16 +266,16 @@ def _run_reuse(spec, args) -> int:
 
 
 def cmd_report(args) -> int:
+    from kvbench.bench.records import run_kind
     from kvbench.bench.report import one_line_summary, write_report
-    from kvbench.clients.run import is_load_run
 
-    if _is_reuse_run(args.out):
+    kind = run_kind(args.out)
+    if kind in ("reuse", "traffic"):
         from kvbench.bench.reuse_report import write_reuse_report
 
         print(f"report: {write_reuse_report(args.out)}")
         return 0
-
-    if is_load_run(args.out):
+    if kind == "load":
         from kvbench.clients.report import one_line, write_load_report
 
         report = write_load_report(args.out)
@@ -286,13 +286,6 @@ def cmd_report(args) -> int:
     print(one_line_summary(args.out))
     print(f"report: {report}")
     return 0
-
-
-def _is_reuse_run(out: Path) -> bool:
-    import json
-
-    info = out / "run.json"
-    return info.exists() and json.loads(info.read_text()).get("kind") in ("reuse", "traffic")
 
 
 def load_config(args) -> LoadConfig:

@@ -21,7 +21,7 @@ from kvbench.bench.metrics import request_timing
 from kvbench.bench.records import RESULTS, RUN_INFO, ResultsWriter, atomic_write_text, read_records
 from kvbench.bench.reuse_spec import STREAMS, ReusePoint, ReuseSuiteSpec, TrafficSuiteSpec, parse_mode
 from kvbench.bench.reuse_workloads import Texts, build, document_pool
-from kvbench.bench.runner import RunOptions, RunOutcome, prepare_out_dir
+from kvbench.bench.runner import RunOptions, RunOutcome, check_resumable, prepare_out_dir
 from kvbench.device import resolve_device
 from kvbench.engine import GenerationConfig, GenerationResult, generate
 from kvbench.engine.reuse import prefill_floor_ms
@@ -38,10 +38,8 @@ def run_reuse_suite(spec: ReuseSuiteSpec | TrafficSuiteSpec, options: RunOptions
     if results_path.exists() and results_path.stat().st_size > 0:
         if not options.resume:
             raise KvbenchError(f"{out} already holds results; pass --resume to continue that run, or choose another --out")
+        check_resumable(out, spec.kind, spec.digest())
         existing = read_records(results_path)
-        previous = json.loads((out / RUN_INFO).read_text()).get("spec_digest") if (out / RUN_INFO).exists() else None
-        if previous and previous != spec.digest():
-            raise KvbenchError(f"{out} holds results of a different sweep (spec changed since); choose another --out")
     done = {(r["point"], r["trial"]) for r in existing}
     todo = [(p, t) for t in range(spec.trials) for p in spec.points() if (p.key, t) not in done]
     lm = lm or load_model(spec.model, spec.device, spec.dtype)

@@ -19,7 +19,9 @@ from kvbench.bench import preflight
 from kvbench.bench.assess import Assessor
 from kvbench.bench.environment import describe
 from kvbench.bench.metrics import request_timing
-from kvbench.bench.records import RESULTS, RUN_INFO, ResultsWriter, atomic_write_text, read_records, repair
+from kvbench.bench.records import (
+    RESULTS, RUN_INFO, ResultsWriter, atomic_write_text, read_records, read_run_info, repair, run_kind,
+)
 from kvbench.bench.spec import Point, SuiteSpec, to_dict
 from kvbench.bench.workloads import Prompt, build_prompts
 from kvbench.engine import GenerationConfig, GenerationResult, generate
@@ -66,13 +68,13 @@ def run_suite(spec: SuiteSpec, options: RunOptions, lm: LoadedModel | None = Non
     if results_path.exists() and results_path.stat().st_size > 0:
         if not options.resume:
             raise KvbenchError(f"{out} already holds results; pass --resume to continue that run, or choose another --out")
+        check_resumable(out, "suite", spec.digest())
         existing = read_records(results_path)
-        _check_same_sweep(out, spec)
 
     notes = sorted({n for s in spec.variants() for n in s.build().notes(_device_hint(lm, spec))})
     info = _run_info(spec, notes)
-    if existing and (out / RUN_INFO).exists():  # keep what earlier, resumed runs learnt about their models
-        info["models"] = json.loads((out / RUN_INFO).read_text()).get("models", {})
+    if existing:  # keep what earlier, resumed runs learnt about their models
+        info["models"] = read_run_info(out).get("models", {})
     all_points = spec.points()
     done = {(r.get("point"), r.get("trial")) for r in existing if not r.get("warmup")}
     todo = [(p, t) for p in all_points for t in range(spec.trials) if (p.key, t) not in done]
@@ -200,12 +202,14 @@ def _device_hint(lm: LoadedModel | None, spec: SuiteSpec):
     return lm.device if lm is not None else resolve_device(spec.device)
 
 
-def _check_same_sweep(out: Path, spec: SuiteSpec) -> None:
-    info_path = out / RUN_INFO
-    if not info_path.exists():
-        return
-    previous = json.loads(info_path.read_text()).get("spec_digest")
-    if previous and previous != spec.digest():
+def check_resumable(out: Path, kind: str, digest: str) -> None:
+    """Refuse to resume into OUT when it holds another kind of run, or the same kind with a different spec."""
+    found = run_kind(out)
+    if found != kind:
+        raise KvbenchError(f"{out} holds a {found} run, not a {kind} run; resume only the run that wrote it, "
+                           "or choose another --out")
+    previous = read_run_info(out).get("spec_digest")
+    if previous and previous != digest:
         raise KvbenchError(
             f"{out} holds results of a different sweep (spec changed since); resume with the same "
             "suite and flags, or choose another --out"
