@@ -111,3 +111,18 @@ def test_resume_refuses_a_directory_of_another_kind_of_run(suite, found, tiny_su
     kind = "suite" if suite == "tiny" else "reuse"
     assert f"holds a {found} run, not a {kind} run" in one_line_error(argv, capsys)
     assert (out / "results.jsonl").read_text() == json.dumps({"request_rate": "inf"}) + "\n"
+
+
+@pytest.mark.parametrize("url, reason", [
+    ("http://exa mple/v1", "it contains whitespace"),
+    ("http://example/v 1", "it contains whitespace"),
+    ("ftp://example/v1", "it must start with http:// or https://"),
+    ("http:///v1", "it names no host"),
+    ("http://example:99999/v1", "its port is out of range"),
+    ("http://[::1/v1", "Invalid port"),
+])
+def test_load_refuses_an_invalid_url_before_any_request(url, reason, tmp_path, capsys):
+    out = tmp_path / "o"
+    err = one_line_error(["load", "--url", url, "--out", str(out), "--no-progress"], capsys)
+    assert f"--url {url!r} is not a server address: {reason}" in err
+    assert not out.exists()  # refused while reading the flags, before the run (and any connection) starts
