@@ -169,11 +169,3 @@ async def _one_rate(config: LoadConfig, endpoint: Endpoint, requests, schedule, 
         await run_load(endpoint, requests, schedule, on_record, config.max_concurrency, tokenizer)
         after = await scrape(client, config.url) if before is not None else None
     return server_deltas(before, after)
-
-
-def is_load_run(out: Path) -> bool:
-    """Whether OUT holds a `kvbench load` run (its run.json says so)."""
-    try:
-        return json.loads((out / RUN_INFO).read_text()).get("kind") == "load"
-    except (OSError, ValueError):
-        return False
