@@ -126,3 +126,15 @@ def test_load_refuses_an_invalid_url_before_any_request(url, reason, tmp_path, c
     err = one_line_error(["load", "--url", url, "--out", str(out), "--no-progress"], capsys)
     assert f"--url {url!r} is not a server address: {reason}" in err
     assert not out.exists()  # refused while reading the flags, before the run (and any connection) starts
+
+
+@pytest.mark.parametrize("strategy", ["quantized", "hf_quantized"])
+def test_quantized_caches_refuse_batches(strategy, tiny):
+    """Left padding would be kept as sinks and enter the quantization groups' min/max, so a batch
+    would not equal its rows run one by one: refused rather than silently different."""
+    from kvbench.engine import GenerationConfig, generate
+    from kvbench.errors import KvbenchError
+
+    config = GenerationConfig(max_new_tokens=4, stop_at_eos=False)
+    with pytest.raises(KvbenchError, match=f"strategy '{strategy}' does not support batches yet; use batch size 1"):
+        generate(tiny, build_strategy(strategy), [list(range(20, 60)), list(range(30, 40))], config)
