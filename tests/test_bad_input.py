@@ -138,3 +138,18 @@ def test_quantized_caches_refuse_batches(strategy, tiny):
     config = GenerationConfig(max_new_tokens=4, stop_at_eos=False)
     with pytest.raises(KvbenchError, match=f"strategy '{strategy}' does not support batches yet; use batch size 1"):
         generate(tiny, build_strategy(strategy), [list(range(20, 60)), list(range(30, 40))], config)
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"strategies": ["dynamic", "h2o"], "batch_sizes": [1, 2]}, "strategy 'h2o' does not support batches yet"),
+    ({"strategies": ["dynamic", "quantized"], "batch_sizes": [1, 2]}, "strategy 'quantized' does not support batches"),
+    ({"prompt_tokens": [16, 4090]}, "prompt of 4090 tokens + 8 new tokens exceeds the context window"),
+    ({"strategies": ["dynamic", {"name": "snapkv", "budget": 0.5, "window": 8}], "prompt_tokens": [100, 10]},
+     "snapkv: budget 0.5 keeps 5 of a 10-token prompt"),
+])
+def test_a_suite_whose_later_point_is_refused_is_refused_before_anything_is_measured(data, message, tmp_path, capsys):
+    suite = {"name": "x", "model": "synthetic:tiny", "device": "cpu", "workload": {"kind": "synthetic"},
+             "prompt_tokens": [16], "output_tokens": [8], "trials": 1, "warmup": 0, **data}
+    out = tmp_path / "out"
+    assert message in one_line_error(["run", write_suite(tmp_path, suite), "--out", str(out), "--no-progress"], capsys)
+    assert not (out / "results.jsonl").exists() or not (out / "results.jsonl").read_text()

@@ -25,6 +25,7 @@ from kvbench.bench.records import (
 from kvbench.bench.spec import Point, SuiteSpec, to_dict
 from kvbench.bench.workloads import Prompt, build_prompts
 from kvbench.engine import GenerationConfig, GenerationResult, generate
+from kvbench.engine.generate import check_prompts
 from kvbench.errors import KvbenchError
 from kvbench.models import LoadedModel, load_model
 
@@ -76,6 +77,8 @@ def run_suite(spec: SuiteSpec, options: RunOptions, lm: LoadedModel | None = Non
     if existing:  # keep what earlier, resumed runs learnt about their models
         info["models"] = read_run_info(out).get("models", {})
     all_points = spec.points()
+    for point in all_points:  # before any model loads
+        point.strategy.build().check_batch(point.batch_size)
     done = {(r.get("point"), r.get("trial")) for r in existing if not r.get("warmup")}
     todo = [(p, t) for p in all_points for t in range(spec.trials) if (p.key, t) not in done]
     unfinished = {p for p, _ in todo}
@@ -87,6 +90,7 @@ def run_suite(spec: SuiteSpec, options: RunOptions, lm: LoadedModel | None = Non
                 continue
             model = lm if lm is not None and lm.name == model_name else load_model(model_name, spec.device, spec.dtype)
             prompts = {p: _prompts_for(spec, model, p) for p in points}
+            _check_points(model, points, prompts)
             worst = preflight.estimate(model, points, {p: max(len(x.ids) for x in prompts[p]) for p in points})
             preflight.check(worst, options.memory_limit or preflight.default_limit(model))
             info["models"][model_name] = _model_info(model, worst)
@@ -97,6 +101,16 @@ def run_suite(spec: SuiteSpec, options: RunOptions, lm: LoadedModel | None = Non
     bar.close()
     skipped = spec.trials * len(all_points) - len(todo)
     return RunOutcome(out, len(todo), skipped, tuple(notes))
+
+
+def _check_points(lm: LoadedModel, points: list[Point], prompts: dict[Point, list[Prompt]]) -> None:
+    """Refuse the sweep before its first measurement if any point would be refused when its turn came:
+    the engine's prompt checks (context window, token ids) and the strategy's own cache for each prompt length."""
+    for point in points:
+        strategy = point.strategy.build()
+        check_prompts(lm, [p.ids for p in prompts[point]], point.output_tokens)
+        for length in sorted({len(p.ids) for p in prompts[point]}):
+            strategy.make_cache(lm, point.batch_size, length, point.output_tokens)
 
 
 def _measure_model(spec, lm, points, prompts, todo, writer, bar) -> None:
