@@ -153,3 +153,15 @@ def test_a_suite_whose_later_point_is_refused_is_refused_before_anything_is_meas
     out = tmp_path / "out"
     assert message in one_line_error(["run", write_suite(tmp_path, suite), "--out", str(out), "--no-progress"], capsys)
     assert not (out / "results.jsonl").exists() or not (out / "results.jsonl").read_text()
+
+
+@pytest.mark.parametrize("data", [
+    {"kind": "reuse", "workloads": ["system-prompt", "rag-prefix-8200"], "modes": ["none", "prefix"], "requests": 2},
+    {"kind": "traffic", "streams": ["uniform"], "documents": 2, "document_tokens": 8200, "requests": 2},
+])
+def test_a_reuse_suite_with_documents_over_the_context_window_measures_nothing(data, tmp_path, capsys):
+    suite = {"name": "x", "device": "cpu", "output_tokens": 4, **data}
+    out = tmp_path / "out"
+    err = one_line_error(["run", write_suite(tmp_path, suite), "--out", str(out), "--no-progress"], capsys)
+    assert "new tokens exceeds the context window of smollm2-135m (8192 tokens)" in err
+    assert not (out / "results.jsonl").exists()
