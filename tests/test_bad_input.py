@@ -31,7 +31,7 @@ def write_suite(tmp_path, data: dict) -> str:
     ({"workload": {"kind": "needle", "depths": 0.5}}, "workload key depths must be a list, got 0.5; write depths: [0.5]"),
     ({"workload": {"kind": "text", "prompts": "Hello"}}, "workload key prompts must be a list, got 'Hello'"),
     ({"batch_sizes": 2}, "suite key batch_sizes must be a list, got 2"),
-    ({"prompt_tokens": ["8"]}, "suite key prompt_tokens must be a list of a whole number or null, got '8' in it"),
+    ({"prompt_tokens": ["8"]}, "suite key prompt_tokens holds '8'; each item must be a whole number or null"),
     ({"kind": "reuse", "break_even": 512}, "ReuseSuiteSpec key break_even must be a list, got 512"),
     ({"kind": "reuse", "workloads": "code"}, "ReuseSuiteSpec key workloads must be a list, got 'code'"),
     ({"kind": "reuse", "tiers": "disk"}, "ReuseSuiteSpec key tiers must be a list, got 'disk'"),

@@ -36,7 +36,7 @@ def _checked(value: Any, hint: Any, name: str) -> Any:
         element = typing.get_args(hint)[0]
         bad = [v for v in value if not _matches(v, element)]
         if bad:
-            raise KvbenchError(f"{name} must be a list of {_describe(element)}, got {bad[0]!r} in it")
+            raise KvbenchError(f"{name} holds {bad[0]!r}; each item must be {_describe(element)}")
         return tuple(value)
     if not _matches(value, hint):
         raise KvbenchError(f"{name} must be {_describe(hint)}, got {value!r}")
@@ -48,8 +48,6 @@ def _matches(value: Any, hint: Any) -> bool:
         return any(_matches(value, arm) for arm in typing.get_args(hint))
     if typing.get_origin(hint) is not None:  # dict[str, float] and the like: checked where they are used
         hint = typing.get_origin(hint)
-    if hint is typing.Any:
-        return True
     if hint is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is int:
