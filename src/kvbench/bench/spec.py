@@ -191,7 +191,7 @@ def from_dict(data: dict) -> SuiteSpec:
         data["workload"] = WorkloadSpec(**checked_fields(WorkloadSpec, data["workload"], "workload key"))
     if data.get("strategies") in ("all", ["all"]):
         data["strategies"] = STRATEGIES.names()
-    if isinstance(data.get("strategies"), list):
+    if isinstance(data.get("strategies"), (list, tuple)):
         data["strategies"] = [parse_strategy(s) for s in data["strategies"]]
     return SuiteSpec(**suite_fields(data, SuiteSpec, "suite"))
 
