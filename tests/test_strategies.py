@@ -16,7 +16,7 @@ def test_unknown_strategy_lists_valid_names():
 
 
 def test_unknown_parameter_is_rejected():
-    with pytest.raises(KvbenchError, match="has no parameter"):
+    with pytest.raises(KvbenchError, match="unknown strategy .dynamic. parameter"):
         build_strategy("dynamic", budget=0.5)
 
 

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--strategy", default="dynamic",
                    help=f"one of {', '.join(STRATEGIES.names())}, with parameters as name:key=value (e.g. h2o:budget=0.25)")
     g.add_argument("--max-new-tokens", type=int, default=gen.max_new_tokens)
-    g.add_argument("--temperature", type=float, default=sampling.temperature, help="0 is greedy")
+    g.add_argument("--temperature", type=float, default=sampling.temperature, help="0 is greedy; otherwise at least 0.001")
     g.add_argument("--top-k", type=int, default=sampling.top_k)
     g.add_argument("--top-p", type=float, default=sampling.top_p)
     g.add_argument("--seed", type=int, default=sampling.seed)
@@ -266,16 +266,16 @@ def _run_reuse(spec, args) -> int:
 
 
 def cmd_report(args) -> int:
+    from kvbench.bench.records import run_kind
     from kvbench.bench.report import one_line_summary, write_report
-    from kvbench.clients.run import is_load_run
 
-    if _is_reuse_run(args.out):
+    kind = run_kind(args.out)
+    if kind in ("reuse", "traffic"):
         from kvbench.bench.reuse_report import write_reuse_report
 
         print(f"report: {write_reuse_report(args.out)}")
         return 0
-
-    if is_load_run(args.out):
+    if kind == "load":
         from kvbench.clients.report import one_line, write_load_report
 
         report = write_load_report(args.out)
@@ -286,13 +286,6 @@ def cmd_report(args) -> int:
     print(one_line_summary(args.out))
     print(f"report: {report}")
     return 0
-
-
-def _is_reuse_run(out: Path) -> bool:
-    import json
-
-    info = out / "run.json"
-    return info.exists() and json.loads(info.read_text()).get("kind") in ("reuse", "traffic")
 
 
 def load_config(args) -> LoadConfig:

@@ -21,6 +21,33 @@ class CorruptResults(KvbenchError):
     pass
 
 
+def read_run_info(out: Path) -> dict:
+    """OUT/run.json, or {} when there is none; a corrupt one is a one-line error."""
+    path = out / RUN_INFO
+    if not path.exists():
+        return {}
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        info = None
+    if not isinstance(info, dict):
+        raise KvbenchError(f"{path} is corrupt (not a JSON object); restore it, or delete it and rerun with --resume "
+                           "to write it again")
+    return info
+
+
+def run_kind(out: Path) -> str:
+    """What wrote OUT: "suite", "reuse", "traffic" or "load"; from run.json, or from the records without one."""
+    info = read_run_info(out)
+    if info:
+        return info.get("kind", "suite")
+    records = read_records(out / RESULTS, strict=False)
+    first = records[0] if records else {}
+    if "reuse_mode" in first:
+        return "traffic" if "stream" in first else "reuse"
+    return "load" if "request_rate" in first else "suite"
+
+
 def read_records(path: Path, strict: bool = True) -> list[dict]:
     """All records of a results file; with strict=False, corrupt lines are skipped."""
     records, bad = [], []

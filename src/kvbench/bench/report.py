@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from kvbench.bench.plots import write_figures
 from kvbench.bench.preflight import human_bytes
-from kvbench.bench.records import RESULTS, RUN_INFO, atomic_write_text, read_records
+from kvbench.bench.records import RESULTS, atomic_write_text, read_records, read_run_info
 from kvbench.bench.summary import (
     PointSummary,
     Speedup,
@@ -26,7 +25,7 @@ def write_report(out: Path) -> Path:
     if not results.exists():
         raise KvbenchError(f"{out} has no {RESULTS}; run a suite first (kvbench run SUITE --out {out})")
     records = read_records(results, strict=False)
-    info = json.loads((out / RUN_INFO).read_text()) if (out / RUN_INFO).exists() else {}
+    info = read_run_info(out)
     points = summarize_points(records)
     if not points:
         raise KvbenchError(f"{results} holds no measured records yet")
@@ -41,7 +40,7 @@ def write_report(out: Path) -> Path:
 
 def one_line_summary(out: Path) -> str:
     """The headline of a run: the best speedup, or the fastest strategy."""
-    info = json.loads((out / RUN_INFO).read_text()) if (out / RUN_INFO).exists() else {}
+    info = read_run_info(out)
     points = summarize_points(read_records(out / RESULTS, strict=False))
     baseline = (info.get("spec") or {}).get("baseline")
     rows = speedups(points, baseline) if baseline else []

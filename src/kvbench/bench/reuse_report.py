@@ -7,7 +7,6 @@ the same warm requests over the mean warm TTFT of the mode.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 
 from kvbench.bench.plots import _pyplot
 from kvbench.bench.preflight import human_bytes
-from kvbench.bench.records import RESULTS, RUN_INFO, atomic_write_text, read_records
+from kvbench.bench.records import RESULTS, RUN_INFO, atomic_write_text, read_records, read_run_info, run_kind
 from kvbench.errors import KvbenchError
 
 
@@ -76,14 +75,17 @@ def write_reuse_report(out: Path) -> Path:
     records = read_records(results, strict=False)
     if not records:
         raise KvbenchError(f"{results} holds no measured records yet")
-    info = json.loads((out / RUN_INFO).read_text())
+    info = read_run_info(out)  # without run.json (lost, not yet written), the records still say what was measured
     figures = out / "figures"
     figures.mkdir(exist_ok=True)
-    lines = [f"# {info['suite']}", "", f"{info['spec'].get('description', '').strip()}", ""]
+    lines = [f"# {info.get('suite', records[0]['suite'])}", "", f"{info.get('spec', {}).get('description', '').strip()}", ""]
     env = info.get("environment", {})
-    lines += [f"Model {', '.join(info.get('models', {}))}; device {env.get('device_name', env.get('device', '?'))}; "
+    models = info.get("models") or dict.fromkeys(r["model"] for r in records)
+    lines += [f"Model {', '.join(models)}; device {env.get('device_name', env.get('device', '?'))}; "
               f"torch {env.get('torch', '?')}, transformers {env.get('transformers', '?')}; git {env.get('git_commit', '?')}.", ""]
-    lines += (_traffic(records, figures) if info.get("kind") == "traffic" else _reuse(records, figures))
+    if not info:
+        lines += [f"{RUN_INFO} is missing: the environment above is unknown.", ""]
+    lines += (_traffic(records, figures) if run_kind(out) == "traffic" else _reuse(records, figures))
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path

@@ -20,10 +20,11 @@ from kvbench.bench.environment import describe
 from kvbench.bench.metrics import request_timing
 from kvbench.bench.records import RESULTS, RUN_INFO, ResultsWriter, atomic_write_text, read_records
 from kvbench.bench.reuse_spec import STREAMS, ReusePoint, ReuseSuiteSpec, TrafficSuiteSpec, parse_mode
-from kvbench.bench.reuse_workloads import Texts, build, document_pool
-from kvbench.bench.runner import RunOptions, RunOutcome, prepare_out_dir
+from kvbench.bench.reuse_workloads import ReuseRequest, Texts, build, document_pool
+from kvbench.bench.runner import RunOptions, RunOutcome, check_resumable, prepare_out_dir
 from kvbench.device import resolve_device
 from kvbench.engine import GenerationConfig, GenerationResult, generate
+from kvbench.engine.generate import check_prompts
 from kvbench.engine.reuse import prefill_floor_ms
 from kvbench.errors import KvbenchError
 from kvbench.models import LoadedModel, load_model
@@ -38,14 +39,18 @@ def run_reuse_suite(spec: ReuseSuiteSpec | TrafficSuiteSpec, options: RunOptions
     if results_path.exists() and results_path.stat().st_size > 0:
         if not options.resume:
             raise KvbenchError(f"{out} already holds results; pass --resume to continue that run, or choose another --out")
+        check_resumable(out, spec.kind, spec.digest())
         existing = read_records(results_path)
-        previous = json.loads((out / RUN_INFO).read_text()).get("spec_digest") if (out / RUN_INFO).exists() else None
-        if previous and previous != spec.digest():
-            raise KvbenchError(f"{out} holds results of a different sweep (spec changed since); choose another --out")
     done = {(r["point"], r["trial"]) for r in existing}
     todo = [(p, t) for t in range(spec.trials) for p in spec.points() if (p.key, t) not in done]
     lm = lm or load_model(spec.model, spec.device, spec.dtype)
     texts = Texts(lm.tokenizer, spec.seed)
+    references = {(r["workload"], r["trial"], r["request_index"]): r["output_ids"]
+                  for r in existing if r["reuse_mode"] == "none"}
+    measure = _ReuseSequences(spec, lm, texts, references) if spec.kind == "reuse" else _TrafficStreams(spec, lm, texts)
+    for point, trial in todo:  # every request fits the model, before anything is measured
+        for request in measure.requests(point, trial):
+            check_prompts(lm, [request.ids], spec.output_tokens)
     info = {"suite": spec.name, "kind": spec.kind, "spec": spec.to_dict(), "spec_digest": spec.digest(),
             "environment": describe(resolve_device(spec.device)),
             "models": {lm.name: {"fingerprint": lm.fingerprint, "dtype": str(lm.dtype).removeprefix("torch."),
@@ -53,9 +58,6 @@ def run_reuse_suite(spec: ReuseSuiteSpec | TrafficSuiteSpec, options: RunOptions
             "notes": [], "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     atomic_write_text(out / RUN_INFO, json.dumps(info, indent=2) + "\n")
     _warm_kernels(lm)
-    references = {(r["workload"], r["trial"], r["request_index"]): r["output_ids"]
-                  for r in existing if r["reuse_mode"] == "none"}
-    measure = _ReuseSequences(spec, lm, texts, references) if spec.kind == "reuse" else _TrafficStreams(spec, lm, texts)
     with ResultsWriter(results_path) as writer, tqdm(total=len(todo), desc=spec.name, unit="seq",
                                                      disable=not options.progress) as bar:
         for point, trial in todo:
@@ -110,9 +112,12 @@ class _ReuseSequences:
         self.dynamic = build_strategy("dynamic")
         self.config = GenerationConfig(max_new_tokens=spec.output_tokens, stop_at_eos=False)
 
-    def __call__(self, point: ReusePoint, trial: int) -> list[dict]:
+    def requests(self, point: ReusePoint, trial: int) -> list[ReuseRequest]:
         count = self.spec.turns if point.workload == "multi-turn" else self.spec.requests
-        requests = build(point.workload, self.texts, count)
+        return build(point.workload, self.texts, count)
+
+    def __call__(self, point: ReusePoint, trial: int) -> list[dict]:
+        requests = self.requests(point, trial)
         if point.mode == "none":
             return [self._record(point, trial, i, r, generate(self.lm, self.dynamic, [r.ids], self.config))
                     for i, r in enumerate(requests)]
@@ -166,6 +171,11 @@ class _TrafficStreams:
         self.dynamic = build_strategy("dynamic")
         self.config = GenerationConfig(max_new_tokens=spec.output_tokens, stop_at_eos=False)
 
+    def requests(self, point: ReusePoint, trial: int) -> list[ReuseRequest]:
+        """In the stream's order: a document of the pool, then a fresh question."""
+        return [ReuseRequest(self.pool[doc] + self.texts.encode("\n\nQ: ") + self.texts.prose(8, 10_000 + 97 * trial + i))
+                for i, doc in enumerate(stream_order(self.spec, point.workload, trial))]
+
     def __call__(self, point: ReusePoint, trial: int) -> list[dict]:
         s = self.spec
         with tempfile.TemporaryDirectory(prefix="kvbench-disk-tier-") as disk_dir:
@@ -173,10 +183,10 @@ class _TrafficStreams:
             ram = int(s.ram_documents * blocks_per_doc * s.block_size * self.lm.kv_bytes_per_token)
             cache = _cache(self.lm, s, "prefix", disk_dir if s.disk else None, ram_bytes=ram)
             records = []
-            for i, doc in enumerate(stream_order(s, point.workload, trial)):
-                ids = self.pool[doc] + self.texts.encode("\n\nQ: ") + self.texts.prose(8, 10_000 + 97 * trial + i)
-                result = generate(self.lm, self.dynamic, [ids], self.config, reuse=cache)
-                record = _base_record(s, self.lm, point, trial, i, ids, result)
+            documents = stream_order(s, point.workload, trial)
+            for i, (doc, request) in enumerate(zip(documents, self.requests(point, trial))):
+                result = generate(self.lm, self.dynamic, [request.ids], self.config, reuse=cache)
+                record = _base_record(s, self.lm, point, trial, i, request.ids, result)
                 tiers = cache.stats()["tiers"]
                 record.update(stream=point.workload, document=doc, hit=result.reuse.cached_tokens > 0,
                               ram_bytes=tiers["ram"]["bytes"], disk_bytes=tiers.get("disk", {}).get("bytes", 0),

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvbench.bench.reuse_workloads import check_workload
-from kvbench.bench.spec import check_suite_keys
+from kvbench.bench.spec import suite_fields
 from kvbench.errors import KvbenchError
 from kvbench.models import EMBEDDED
 from kvbench.reuse import ReuseConfig
@@ -163,6 +163,4 @@ class TrafficSuiteSpec(_ReuseSpecBase):
 
 def spec_from_dict(data: dict) -> ReuseSuiteSpec | TrafficSuiteSpec:
     cls = ReuseSuiteSpec if data.get("kind") == "reuse" else TrafficSuiteSpec
-    check_suite_keys(data, cls, cls.__name__)
-    data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-    return cls(**data)
+    return cls(**suite_fields(data, cls, cls.__name__))

@@ -19,10 +19,13 @@ from kvbench.bench import preflight
 from kvbench.bench.assess import Assessor
 from kvbench.bench.environment import describe
 from kvbench.bench.metrics import request_timing
-from kvbench.bench.records import RESULTS, RUN_INFO, ResultsWriter, atomic_write_text, read_records, repair
+from kvbench.bench.records import (
+    RESULTS, RUN_INFO, ResultsWriter, atomic_write_text, read_records, read_run_info, repair, run_kind,
+)
 from kvbench.bench.spec import Point, SuiteSpec, to_dict
 from kvbench.bench.workloads import Prompt, build_prompts
 from kvbench.engine import GenerationConfig, GenerationResult, generate
+from kvbench.engine.generate import check_prompts
 from kvbench.errors import KvbenchError
 from kvbench.models import LoadedModel, load_model
 
@@ -66,14 +69,16 @@ def run_suite(spec: SuiteSpec, options: RunOptions, lm: LoadedModel | None = Non
     if results_path.exists() and results_path.stat().st_size > 0:
         if not options.resume:
             raise KvbenchError(f"{out} already holds results; pass --resume to continue that run, or choose another --out")
+        check_resumable(out, "suite", spec.digest())
         existing = read_records(results_path)
-        _check_same_sweep(out, spec)
 
     notes = sorted({n for s in spec.variants() for n in s.build().notes(_device_hint(lm, spec))})
     info = _run_info(spec, notes)
-    if existing and (out / RUN_INFO).exists():  # keep what earlier, resumed runs learnt about their models
-        info["models"] = json.loads((out / RUN_INFO).read_text()).get("models", {})
+    if existing:  # keep what earlier, resumed runs learnt about their models
+        info["models"] = read_run_info(out).get("models", {})
     all_points = spec.points()
+    for point in all_points:  # before any model loads
+        point.strategy.build().check_batch(point.batch_size)
     done = {(r.get("point"), r.get("trial")) for r in existing if not r.get("warmup")}
     todo = [(p, t) for p in all_points for t in range(spec.trials) if (p.key, t) not in done]
     unfinished = {p for p, _ in todo}
@@ -85,6 +90,7 @@ def run_suite(spec: SuiteSpec, options: RunOptions, lm: LoadedModel | None = Non
                 continue
             model = lm if lm is not None and lm.name == model_name else load_model(model_name, spec.device, spec.dtype)
             prompts = {p: _prompts_for(spec, model, p) for p in points}
+            _check_points(model, points, prompts)
             worst = preflight.estimate(model, points, {p: max(len(x.ids) for x in prompts[p]) for p in points})
             preflight.check(worst, options.memory_limit or preflight.default_limit(model))
             info["models"][model_name] = _model_info(model, worst)
@@ -95,6 +101,16 @@ def run_suite(spec: SuiteSpec, options: RunOptions, lm: LoadedModel | None = Non
     bar.close()
     skipped = spec.trials * len(all_points) - len(todo)
     return RunOutcome(out, len(todo), skipped, tuple(notes))
+
+
+def _check_points(lm: LoadedModel, points: list[Point], prompts: dict[Point, list[Prompt]]) -> None:
+    """Refuse the sweep before its first measurement if any point would be refused when its turn came:
+    the engine's prompt checks (context window, token ids) and the strategy's own cache for each prompt length."""
+    for point in points:
+        strategy = point.strategy.build()
+        check_prompts(lm, [p.ids for p in prompts[point]], point.output_tokens)
+        for length in sorted({len(p.ids) for p in prompts[point]}):
+            strategy.make_cache(lm, point.batch_size, length, point.output_tokens)
 
 
 def _measure_model(spec, lm, points, prompts, todo, writer, bar) -> None:
@@ -200,12 +216,14 @@ def _device_hint(lm: LoadedModel | None, spec: SuiteSpec):
     return lm.device if lm is not None else resolve_device(spec.device)
 
 
-def _check_same_sweep(out: Path, spec: SuiteSpec) -> None:
-    info_path = out / RUN_INFO
-    if not info_path.exists():
-        return
-    previous = json.loads(info_path.read_text()).get("spec_digest")
-    if previous and previous != spec.digest():
+def check_resumable(out: Path, kind: str, digest: str) -> None:
+    """Refuse to resume into OUT when it holds another kind of run, or the same kind with a different spec."""
+    found = run_kind(out)
+    if found != kind:
+        raise KvbenchError(f"{out} holds a {found} run, not a {kind} run; resume only the run that wrote it, "
+                           "or choose another --out")
+    previous = read_run_info(out).get("spec_digest")
+    if previous and previous != digest:
         raise KvbenchError(
             f"{out} holds results of a different sweep (spec changed since); resume with the same "
             "suite and flags, or choose another --out"

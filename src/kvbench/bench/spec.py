@@ -18,6 +18,7 @@ import yaml
 
 from kvbench.bench.workloads import WorkloadSpec
 from kvbench.errors import KvbenchError
+from kvbench.fields import checked_fields
 from kvbench.models import EMBEDDED
 from kvbench.strategies import STRATEGIES, build_strategy
 
@@ -176,39 +177,23 @@ def to_dict(spec: SuiteSpec) -> dict:
     return d
 
 
-def check_suite_keys(data: dict, cls: type, what: str) -> None:
-    """Refuse keys that are not fields of the spec dataclass `cls`, and a suite without a name."""
-    valid = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - valid
-    if unknown:
-        raise KvbenchError(f"unknown {what} key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(valid))}")
-    if "name" not in data:
+def suite_fields(data: dict, cls: type, what: str) -> dict:
+    """A suite's raw keys checked against the spec dataclass `cls` (names and types); a suite needs a name."""
+    checked = checked_fields(cls, data, f"{what} key")
+    if "name" not in checked:
         raise KvbenchError("a suite needs a name")
+    return checked
 
 
 def from_dict(data: dict) -> SuiteSpec:
-    check_suite_keys(data, SuiteSpec, "suite")
     data = dict(data)
-    workload = data.get("workload", {})
-    if isinstance(workload, dict):
-        wvalid = {f.name for f in dataclasses.fields(WorkloadSpec)}
-        if set(workload) - wvalid:
-            raise KvbenchError(
-                f"unknown workload key(s) {', '.join(sorted(set(workload) - wvalid))}; valid: {', '.join(sorted(wvalid))}"
-            )
-        for key in ("prompts", "tasks", "depths"):
-            if key in workload:
-                workload = {**workload, key: tuple(workload[key])}
-        data["workload"] = WorkloadSpec(**workload)
+    if isinstance(data.get("workload"), dict):
+        data["workload"] = WorkloadSpec(**checked_fields(WorkloadSpec, data["workload"], "workload key"))
     if data.get("strategies") in ("all", ["all"]):
         data["strategies"] = STRATEGIES.names()
-    for key in ("models", "strategies", "prompt_tokens", "output_tokens", "batch_sizes", "budgets"):
-        if key in data:
-            value = data[key]
-            data[key] = tuple(value) if isinstance(value, (list, tuple)) else (value,)
-    if "strategies" in data:
-        data["strategies"] = tuple(parse_strategy(s) for s in data["strategies"])
-    return SuiteSpec(**data)
+    if isinstance(data.get("strategies"), (list, tuple)):
+        data["strategies"] = [parse_strategy(s) for s in data["strategies"]]
+    return SuiteSpec(**suite_fields(data, SuiteSpec, "suite"))
 
 
 def suite_names() -> list[str]:

@@ -52,8 +52,7 @@ class LoadConfig:
     def __post_init__(self):
         if self.endpoint not in ENDPOINTS:
             raise KvbenchError(f"unknown endpoint {self.endpoint!r}; valid: {', '.join(ENDPOINTS)}")
-        if not self.url.startswith(("http://", "https://")):
-            raise KvbenchError(f"--url must start with http:// or https://, got {self.url!r}")
+        check_url(self.url)
         if not self.request_rates:
             raise KvbenchError("give at least one request rate")
         for rate in self.request_rates:
@@ -72,6 +71,22 @@ class LoadConfig:
         if self.duration_s is not None:
             return arrivals.schedule_for(self.duration_s)
         return arrivals.schedule(self.num_requests or self.workload.natural_count or DEFAULT_REQUESTS)
+
+
+def check_url(url: str) -> None:
+    """Refuse an API root that cannot be a server's address, before any request is sent."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        reason = str(exc)
+    else:
+        reason = ("it must start with http:// or https://" if parsed.scheme not in ("http", "https")
+                  else "it contains whitespace" if any(c.isspace() for c in url)
+                  else "it names no host" if not parsed.host
+                  else "its port is out of range" if parsed.port is not None and not 0 < parsed.port < 65536
+                  else None)
+    if reason:
+        raise KvbenchError(f"--url {url!r} is not a server address: {reason}; write e.g. http://127.0.0.1:8000/v1")
 
 
 def rate_label(rate: float) -> str:
@@ -154,11 +169,3 @@ async def _one_rate(config: LoadConfig, endpoint: Endpoint, requests, schedule, 
         await run_load(endpoint, requests, schedule, on_record, config.max_concurrency, tokenizer)
         after = await scrape(client, config.url) if before is not None else None
     return server_deltas(before, after)
-
-
-def is_load_run(out: Path) -> bool:
-    """Whether OUT holds a `kvbench load` run (its run.json says so)."""
-    try:
-        return json.loads((out / RUN_INFO).read_text()).get("kind") == "load"
-    except (OSError, ValueError):
-        return False

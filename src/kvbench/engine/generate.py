@@ -108,8 +108,7 @@ def generate(
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     padded = bool((mask == 0).any())
     batch = len(prompts)
-    if batch > 1 and not strategy.capabilities.supports_batching:
-        raise KvbenchError(f"strategy {strategy.name!r} does not support batches yet; use batch size 1")
+    strategy.check_batch(batch)
     cache = strategy.make_cache(lm, batch, ids.shape[1], config.max_new_tokens)
     uses_cache = strategy.capabilities.uses_cache
     sampler = Sampler(config.sampling, device)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from kvbench.errors import KvbenchError
+
+# Below this, sampling is greedy in all but name, and logits / temperature nears float32's limit
+# (logits of 12 at 1e-38 overflow to inf and give NaN probabilities).
+MIN_TEMPERATURE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -17,8 +22,11 @@ class SamplingConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise KvbenchError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature < math.inf):
+            raise KvbenchError(
+                f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE} (smaller ones are greedy in "
+                f"all but name and overflow logits / temperature; use 0 for greedy), got {self.temperature}"
+            )
         if self.top_k < 0:
             raise KvbenchError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:

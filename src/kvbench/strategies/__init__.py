@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
 from typing import Any
 
-from kvbench.errors import KvbenchError
+from kvbench.fields import checked_fields
 from kvbench.registry import Registry
 from kvbench.strategies.base import Capabilities, CacheStrategy
 
@@ -18,16 +17,10 @@ def register(cls: type[CacheStrategy]) -> type[CacheStrategy]:
 
 
 def build_strategy(name: str, **params: Any) -> CacheStrategy:
-    """Instantiate a registered strategy; unknown names and unknown parameters list the valid ones."""
+    """Instantiate a registered strategy; unknown names and parameters list the valid ones, and each
+    parameter's value must match its field's type (bits=4.0 is refused, not truncated)."""
     cls = STRATEGIES.get(name)
-    valid = {f.name for f in fields(cls)}
-    unknown = set(params) - valid
-    if unknown:
-        raise KvbenchError(
-            f"strategy {name!r} has no parameter(s) {', '.join(sorted(unknown))}; "
-            f"valid: {', '.join(sorted(valid)) or 'none'}"
-        )
-    return cls(**params)
+    return cls(**checked_fields(cls, params, f"strategy {name!r} parameter"))
 
 
 from kvbench.strategies import baseline, h2o, hf_quantized, offloaded, quantized, sink, snapkv, speculative  # noqa: E402,F401  (registers built-ins)

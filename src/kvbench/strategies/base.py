@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from kvbench.errors import KvbenchError
+
 if TYPE_CHECKING:
     from transformers import Cache
 
@@ -33,6 +35,11 @@ class CacheStrategy:
     name: ClassVar[str]
     summary: ClassVar[str]
     capabilities: ClassVar[Capabilities] = Capabilities()
+
+    def check_batch(self, batch_size: int) -> None:
+        """Refuse a batch this strategy cannot run (asked by the engine, and by a sweep before it starts)."""
+        if batch_size > 1 and not self.capabilities.supports_batching:
+            raise KvbenchError(f"strategy {self.name!r} does not support batches yet; use batch size 1")
 
     def make_cache(self, lm: LoadedModel, batch_size: int, prompt_tokens: int, max_new_tokens: int) -> Cache | None:
         """A fresh cache for one generation: `batch_size` rows of `prompt_tokens` (padded) plus new tokens."""

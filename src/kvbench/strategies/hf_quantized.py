@@ -31,7 +31,8 @@ BACKENDS: dict[str, tuple[str | None, str | None, tuple[int, ...]]] = {
 class HfQuantized(CacheStrategy):
     name = "hf_quantized"
     summary = "transformers' QuantizedCache as a peer: quanto int2/int4, HQQ, or fp8 (whole prompt quantized)"
-    capabilities: ClassVar[Capabilities] = Capabilities(lossless=False)
+    # A batch's left padding would be quantized with the real tokens (fp8: one scale for the whole batch).
+    capabilities: ClassVar[Capabilities] = Capabilities(lossless=False, supports_batching=False)
 
     backend: str = "fp8"
     bits: int | None = None  # None: 4 for quanto and HQQ; fp8 takes none

@@ -158,7 +158,8 @@ class QuantizedLayer(DynamicLayer):
 class Quantized(CacheStrategy):
     name = "quantized"
     summary = "KIVI-style: keys per channel, values per token, int8/int4/int2 with full-precision sinks and recent window"
-    capabilities: ClassVar[Capabilities] = Capabilities(lossless=False)
+    # A batch's left padding would be kept as sinks and enter the groups' min/max: one sequence at a time.
+    capabilities: ClassVar[Capabilities] = Capabilities(lossless=False, supports_batching=False)
 
     bits: int = 8
     group_size: int = 64
