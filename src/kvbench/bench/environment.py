@@ -27,10 +27,14 @@ def describe_host() -> dict:
 def describe(device: torch.device) -> dict:
     import transformers
 
+    from kvbench.versions import untested, versions
+
     return {
         **describe_host(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "versions": versions(),
+        "untested_versions": untested(),
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
         "device_name": _device_name(device),
