@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 
 from kvbench.bench.reuse_report import break_even, mode_rows
-from kvbench.bench.reuse_runner import stream_order
+from kvbench.bench.reuse_runner import ram_budget, stream_order
 from kvbench.bench.reuse_spec import ReuseSuiteSpec, TrafficSuiteSpec, parse_mode
 from kvbench.bench.spec import load_suite
 from kvbench.cli import main
@@ -60,6 +60,29 @@ def test_stream_orders_have_their_shape():
     assert set(uniform) == set(range(10)) and max(Counter(uniform).values()) < 80
     repeats = sum(b in temporal[max(0, i - 3):i + 1] for i, b in enumerate(temporal[1:]))
     assert repeats > 0.7 * len(temporal)
+
+
+def test_traffic_ram_budget_holds_exactly_ram_documents_documents():
+    import torch
+
+    from kvbench.reuse.store import Block, RamTier
+
+    spec = load_suite("traffic")  # 256-token documents, 64-token blocks, RAM for 4 documents
+    prompt = spec.document_tokens + 16  # "Document: ", document, question (smollm2): 4 full blocks + 16 tokens
+    per_token = 8
+    ram = RamTier(ram_budget(spec, prompt, per_token))
+    block_bytes = spec.block_size * per_token
+
+    def send(doc: int) -> None:  # what the reuse cache stores for one request: its full blocks
+        for b in range(prompt // spec.block_size):
+            ram.put(f"{doc}/{b}", Block(torch.zeros(block_bytes // 4), b * spec.block_size, (), ""))
+
+    for doc in range(int(spec.ram_documents)):
+        send(doc)
+    assert ram.stats.evictions == 0 and ram.stats.bytes == ram.budget  # 4 documents fill it exactly
+    send(int(spec.ram_documents))
+    assert ram.stats.evictions == prompt // spec.block_size  # the 5th pushes out the whole 1st
+    assert {k.split("/")[0] for k in ram.keys()} == {"1", "2", "3", "4"}
 
 
 def _record(workload, mode, index, ttft, trial=0, tier="ram", recompute=None, **extra):

@@ -156,6 +156,12 @@ def stream_order(s: TrafficSuiteSpec, stream: str, trial: int) -> list[int]:
     return order
 
 
+def ram_budget(s: TrafficSuiteSpec, prompt_tokens: int, kv_bytes_per_token: int) -> int:
+    """Bytes for exactly `ram_documents` requests' stored blocks: a request stores the full blocks of
+    its prompt (the partial last block is never stored, so it must not be counted either)."""
+    return int(s.ram_documents * (prompt_tokens // s.block_size)) * s.block_size * kv_bytes_per_token
+
+
 class _TrafficStreams:
     """Each stream sends `requests` requests, a document of the pool plus a fresh question, in the
     stream's order; RAM holds `ram_documents` documents' worth of blocks, the disk tier the rest."""
@@ -166,15 +172,17 @@ class _TrafficStreams:
         self.dynamic = build_strategy("dynamic")
         self.config = GenerationConfig(max_new_tokens=spec.output_tokens, stop_at_eos=False)
 
+    def _prompt(self, doc: int, trial: int, i: int) -> list[int]:
+        return self.pool[doc] + self.texts.encode("\n\nQ: ") + self.texts.prose(8, 10_000 + 97 * trial + i)
+
     def __call__(self, point: ReusePoint, trial: int) -> list[dict]:
         s = self.spec
         with tempfile.TemporaryDirectory(prefix="kvbench-disk-tier-") as disk_dir:
-            blocks_per_doc = -(-(s.document_tokens + 2) // s.block_size)
-            ram = int(s.ram_documents * blocks_per_doc * s.block_size * self.lm.kv_bytes_per_token)
+            ram = ram_budget(s, len(self._prompt(0, trial, 0)), self.lm.kv_bytes_per_token)
             cache = _cache(self.lm, s, "prefix", disk_dir if s.disk else None, ram_bytes=ram)
             records = []
             for i, doc in enumerate(stream_order(s, point.workload, trial)):
-                ids = self.pool[doc] + self.texts.encode("\n\nQ: ") + self.texts.prose(8, 10_000 + 97 * trial + i)
+                ids = self._prompt(doc, trial, i)
                 result = generate(self.lm, self.dynamic, [ids], self.config, reuse=cache)
                 record = _base_record(s, self.lm, point, trial, i, ids, result)
                 tiers = cache.stats()["tiers"]
