@@ -210,6 +210,17 @@ def test_each_rate_sends_its_own_prompts_unless_asked_for_the_same(workload, tmp
     assert seen[True][0] == seen[True][1]
 
 
+@pytest.mark.parametrize("workload, shared", [("reuse:rag-interior-100", False), ("reuse:rag-prefix-100", True)])
+def test_the_load_report_finds_a_prefix_effect_only_where_requests_share_a_prefix(workload, shared, tmp_path):
+    out = tmp_path / "out"
+    with FakeServer() as url:
+        assert main(["load", "--url", url, "--workload", workload, "--tokenizer", "smollm2-135m", "--num-requests", "3",
+                     "--output-tokens", "2", "--out", str(out), "--no-progress"]) == 0
+    point = json.loads((out / "summary.json").read_text())["points"]["inf"]
+    assert ("ttft_new_over_shared" in point) is shared
+    assert ("## Prefix cache effect" in (out / "report.md").read_text()) is shared
+
+
 def test_a_conversation_file_too_short_for_every_rate_to_send_its_own_is_refused(tmp_path, capsys):
     path = conversations(tmp_path, ["a", "b", "c"])
     assert main(["load", "--url", "http://127.0.0.1:9/v1", "--workload", str(path), "--request-rates", "1,2",

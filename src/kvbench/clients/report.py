@@ -26,7 +26,7 @@ def summarize_run(out: Path) -> dict:
     points = {}
     for label, rs in groups.items():
         point = aggregate(rs, slo)
-        if any(r.get("prefix_id") is not None for r in rs):
+        if any(r.get("shared_prefix") for r in rs):  # a prefix-cache effect only where a request shares a prefix
             point.update(prefix_effect(rs))
         point["planned"] = (info.get("points", {}).get(label) or {}).get("planned", len(rs))
         points[label] = point

@@ -26,7 +26,8 @@ from kvbench.clients.loadgen import run_load
 from kvbench.clients.probe import check_server, served_models
 from kvbench.clients.prometheus import scrape, server_deltas
 from kvbench.clients.stream import ENDPOINTS, Endpoint
-from kvbench.clients.workloads import LoadWorkload, Request, Tokenizer, build_requests, load_tokenizer
+from kvbench.clients.workloads import (LoadWorkload, Request, Tokenizer, build_requests, context_window,
+                                      fitting_requests, load_tokenizer)
 from kvbench.errors import KvbenchError
 
 DEFAULT_REQUESTS = 50  # when neither --num-requests nor --duration is given and the workload has no natural size
@@ -98,10 +99,11 @@ def run_load_config(config: LoadConfig, out: Path, progress: bool = True) -> Loa
         raise KvbenchError(f"{out} already holds results; choose another --out")
     tokenizer = _tokenizer(config)
     schedules = {rate_label(r): config.schedule(r) for r in config.request_rates}  # config errors before the probe
-    planned = sum(len(s) for s in schedules.values())
     requests = rate_requests(config, {label: len(s) for label, s in schedules.items()}, tokenizer)
+    window = fit_context(config, requests, schedules, tokenizer)
+    planned = sum(len(s) for s in schedules.values())
     info = {"kind": "load", "config": asdict(config), "environment": describe_host(), "partial": True,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "points": {}}
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "context_window": window, "points": {}}
     endpoint, models = asyncio.run(_prepare(config))
     info["server"] = {"models": models, "model": endpoint.model}
     atomic_write_text(out / RUN_INFO, json.dumps(info, indent=2))
@@ -157,6 +159,27 @@ def rate_requests(config: LoadConfig, counts: dict[str, int], tokenizer: Tokeniz
                            "--same-prompts-each-rate")
     dealt = iter(build_requests(config.workload, total, tokenizer))
     return {label: [replace(r, index=i) for i, r in enumerate(itertools.islice(dealt, n))] for label, n in counts.items()}
+
+
+def fit_context(config: LoadConfig, requests: dict[str, list[Request]], schedules: dict[str, list[float]],
+                tokenizer: Tokenizer | None) -> int | None:
+    """Cut each rate's default count (in place) to the requests that fit the tokenizer's context window;
+    refuse a count the user asked for that does not fit. Returns the window (None: unknown, nothing checked)."""
+    window = context_window(tokenizer) if tokenizer is not None else None
+    if window is None:
+        return None
+    asked = config.num_requests is not None or config.duration_s is not None
+    for label, reqs in requests.items():
+        fit = fitting_requests(reqs, tokenizer, window)
+        if fit == len(reqs):
+            continue
+        if fit == 0 or asked:
+            fix = f"give --num-requests {fit}" if fit else "give shorter prompts or fewer --output-tokens"
+            raise KvbenchError(f"request {fit + 1} of the {config.workload.kind} workload does not fit the "
+                               f"tokenizer's {window}-token context with {config.workload.output_tokens} output "
+                               f"tokens; {fix}")
+        requests[label], schedules[label] = reqs[:fit], schedules[label][:fit]
+    return window
 
 
 def _tokenizer(config: LoadConfig) -> Tokenizer | None:
