@@ -6,8 +6,9 @@ from collections import Counter
 import pytest
 
 from kvbench.bench.reuse_report import break_even, mode_rows
-from kvbench.bench.reuse_runner import ram_budget, stream_order
-from kvbench.bench.reuse_spec import ReuseSuiteSpec, TrafficSuiteSpec, parse_mode
+from kvbench.bench.reuse_runner import ram_budget, run_reuse_suite, stream_order
+from kvbench.bench.reuse_spec import ReuseSuiteSpec, TrafficSuiteSpec, parse_mode, spec_from_dict
+from kvbench.bench.runner import RunOptions
 from kvbench.bench.spec import load_suite
 from kvbench.cli import main
 from kvbench.errors import KvbenchError
@@ -33,8 +34,6 @@ def test_shipped_reuse_suites_load_and_list_their_sequences():
     ({"colour": "red"}, "unknown ReuseSuiteSpec key"),
 ])
 def test_bad_reuse_specs_are_refused(data, message):
-    from kvbench.bench.reuse_spec import spec_from_dict
-
     with pytest.raises(KvbenchError, match=message):
         spec_from_dict({"name": "x", "kind": "reuse", **data})
 
@@ -154,3 +153,23 @@ def test_chunk_reuse_of_an_interior_document_agrees_with_no_reuse(embedded):
     checks = [engine.verify_correctness(request.ids, max_new_tokens=32) for request in requests[1:]]
     assert all(c.reuse.cached_tokens > 300 and c.reuse.exact_tokens == 0 for c in checks)
     assert sum(c.identical for c in checks) >= 3
+
+
+def _reuse_run(tmp_path, lm, trials=1, **options):
+    spec = spec_from_dict({"name": "r", "kind": "reuse", "device": "cpu", "workloads": ["rag-prefix-64"],
+                           "modes": ["none", "prefix"], "requests": 3, "output_tokens": 2, "trials": trials})
+    return run_reuse_suite(spec, RunOptions(out=tmp_path / "out", progress=False, **options), lm=lm)
+
+
+@pytest.mark.slow
+def test_a_reuse_run_resumes_only_with_the_same_weights_and_keeps_every_part(tmp_path, embedded):
+    _reuse_run(tmp_path, embedded)
+    info_path = tmp_path / "out" / "run.json"
+    first = json.loads(info_path.read_text())
+    _reuse_run(tmp_path, embedded, trials=2, resume=True)
+    info = json.loads(info_path.read_text())
+    assert [p["written"] for p in info["parts"]] == [first["written"], info["written"]]
+    info["models"]["smollm2-135m"]["fingerprint"] = "feedbeef"
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(KvbenchError, match="smollm2-135m with other weights \\(fingerprint feedbeef, now "):
+        _reuse_run(tmp_path, embedded, trials=3, resume=True)

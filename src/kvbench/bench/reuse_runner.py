@@ -16,16 +16,16 @@ from dataclasses import asdict
 import numpy as np
 from tqdm import tqdm
 
+from kvbench.bench import provenance
 from kvbench.bench.environment import describe
 from kvbench.bench.metrics import request_timing
-from kvbench.bench.records import RESULTS, RUN_INFO, ResultsWriter, atomic_write_text, read_records
+from kvbench.bench.records import RESULTS, RUN_INFO, ResultsWriter, atomic_write_text
 from kvbench.bench.reuse_spec import STREAMS, ReusePoint, ReuseSuiteSpec, TrafficSuiteSpec, parse_mode
 from kvbench.bench.reuse_workloads import Texts, build, document_pool
 from kvbench.bench.runner import RunOptions, RunOutcome, prepare_out_dir
 from kvbench.device import resolve_device
 from kvbench.engine import GenerationConfig, GenerationResult, generate
 from kvbench.engine.reuse import prefill_floor_ms
-from kvbench.errors import KvbenchError
 from kvbench.models import LoadedModel, load_model
 from kvbench.reuse import ReuseCache, ReuseConfig
 from kvbench.strategies import build_strategy
@@ -34,27 +34,24 @@ from kvbench.strategies import build_strategy
 def run_reuse_suite(spec: ReuseSuiteSpec | TrafficSuiteSpec, options: RunOptions, lm: LoadedModel | None = None) -> RunOutcome:
     out = prepare_out_dir(options.out)
     results_path = out / RESULTS
-    existing: list[dict] = []
-    if results_path.exists() and results_path.stat().st_size > 0:
-        if not options.resume:
-            raise KvbenchError(f"{out} already holds results; pass --resume to continue that run, or choose another --out")
-        existing = read_records(results_path)
-        previous = json.loads((out / RUN_INFO).read_text()).get("spec_digest") if (out / RUN_INFO).exists() else None
-        if previous and previous != spec.digest():
-            raise KvbenchError(f"{out} holds results of a different sweep (spec changed since); choose another --out")
-    done = {(r["point"], r["trial"]) for r in existing}
-    todo = [(p, t) for t in range(spec.trials) for p in spec.points() if (p.key, t) not in done]
+    environment = describe(resolve_device(spec.device))
+    existing = provenance.start(out, options.resume, options.repair, spec.digest(), environment)
     lm = lm or load_model(spec.model, spec.device, spec.dtype)
+    provenance.check_model(out, existing, lm.name, lm.fingerprint)
+    measured = existing.records
+    done = {(r["point"], r["trial"]) for r in measured}
+    todo = [(p, t) for t in range(spec.trials) for p in spec.points() if (p.key, t) not in done]
     texts = Texts(lm.tokenizer, spec.seed)
     info = {"suite": spec.name, "kind": spec.kind, "spec": spec.to_dict(), "spec_digest": spec.digest(),
-            "environment": describe(resolve_device(spec.device)),
+            "environment": environment,
             "models": {lm.name: {"fingerprint": lm.fingerprint, "dtype": str(lm.dtype).removeprefix("torch."),
                                  "weight_bytes": lm.weight_bytes}},
             "notes": [], "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    info["parts"] = provenance.parts(existing, info)
     atomic_write_text(out / RUN_INFO, json.dumps(info, indent=2) + "\n")
     _warm_kernels(lm)
     references = {(r["workload"], r["trial"], r["request_index"]): r["output_ids"]
-                  for r in existing if r["reuse_mode"] == "none"}
+                  for r in measured if r["reuse_mode"] == "none"}
     measure = _ReuseSequences(spec, lm, texts, references) if spec.kind == "reuse" else _TrafficStreams(spec, lm, texts)
     with ResultsWriter(results_path) as writer, tqdm(total=len(todo), desc=spec.name, unit="seq",
                                                      disable=not options.progress) as bar:

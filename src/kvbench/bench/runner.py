@@ -15,11 +15,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from kvbench.bench import preflight
+from kvbench.bench import preflight, provenance
 from kvbench.bench.assess import Assessor
 from kvbench.bench.environment import describe
 from kvbench.bench.metrics import request_timing
-from kvbench.bench.records import RESULTS, RUN_INFO, ResultsWriter, atomic_write_text, read_records, repair
+from kvbench.bench.records import RESULTS, RUN_INFO, ResultsWriter, atomic_write_text
 from kvbench.bench.spec import Point, SuiteSpec, to_dict
 from kvbench.bench.workloads import Prompt, build_prompts
 from kvbench.engine import GenerationConfig, GenerationResult, generate
@@ -59,22 +59,13 @@ def run_suite(spec: SuiteSpec, options: RunOptions, lm: LoadedModel | None = Non
     """Measure every point not yet in OUT/results.jsonl. `lm`, when given, serves its own model spec."""
     out = prepare_out_dir(options.out)
     results_path = out / RESULTS
-    if options.repair and results_path.exists():
-        dropped = repair(results_path)
-        print(f"kvbench: dropped {dropped} corrupt line(s) from {results_path}")
-    existing: list[dict] = []
-    if results_path.exists() and results_path.stat().st_size > 0:
-        if not options.resume:
-            raise KvbenchError(f"{out} already holds results; pass --resume to continue that run, or choose another --out")
-        existing = read_records(results_path)
-        _check_same_sweep(out, spec)
-
     notes = sorted({n for s in spec.variants() for n in s.build().notes(_device_hint(lm, spec))})
     info = _run_info(spec, notes)
-    if existing and (out / RUN_INFO).exists():  # keep what earlier, resumed runs learnt about their models
-        info["models"] = json.loads((out / RUN_INFO).read_text()).get("models", {})
+    existing = provenance.start(out, options.resume, options.repair, spec.digest(), info["environment"])
+    info["models"] = existing.info.get("models", {})  # keep what earlier parts learnt about their models
+    info["parts"] = provenance.parts(existing, info)
     all_points = spec.points()
-    done = {(r.get("point"), r.get("trial")) for r in existing if not r.get("warmup")}
+    done = {(r.get("point"), r.get("trial")) for r in existing.records if not r.get("warmup")}
     todo = [(p, t) for p in all_points for t in range(spec.trials) if (p.key, t) not in done]
     unfinished = {p for p, _ in todo}
     bar = tqdm(total=len(todo), desc=spec.name, unit="trial", disable=not options.progress)
@@ -84,6 +75,7 @@ def run_suite(spec: SuiteSpec, options: RunOptions, lm: LoadedModel | None = Non
             if unfinished.isdisjoint(points):
                 continue
             model = lm if lm is not None and lm.name == model_name else load_model(model_name, spec.device, spec.dtype)
+            provenance.check_model(out, existing, model_name, model.fingerprint)
             prompts = {p: _prompts_for(spec, model, p) for p in points}
             worst = preflight.estimate(model, points, {p: max(len(x.ids) for x in prompts[p]) for p in points})
             preflight.check(worst, options.memory_limit or preflight.default_limit(model))
@@ -198,18 +190,6 @@ def _device_hint(lm: LoadedModel | None, spec: SuiteSpec):
     from kvbench.device import resolve_device
 
     return lm.device if lm is not None else resolve_device(spec.device)
-
-
-def _check_same_sweep(out: Path, spec: SuiteSpec) -> None:
-    info_path = out / RUN_INFO
-    if not info_path.exists():
-        return
-    previous = json.loads(info_path.read_text()).get("spec_digest")
-    if previous and previous != spec.digest():
-        raise KvbenchError(
-            f"{out} holds results of a different sweep (spec changed since); resume with the same "
-            "suite and flags, or choose another --out"
-        )
 
 
 def _run_info(spec: SuiteSpec, notes: list[str]) -> dict:
