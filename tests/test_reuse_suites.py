@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 
 from kvbench.bench.reuse_report import break_even, mode_rows
-from kvbench.bench.reuse_runner import ram_budget, run_reuse_suite, stream_order
+from kvbench.bench.reuse_runner import drop_cut_sequences, ram_budget, run_reuse_suite, stream_order
 from kvbench.bench.reuse_spec import ReuseSuiteSpec, TrafficSuiteSpec, parse_mode, spec_from_dict
 from kvbench.bench.runner import RunOptions
 from kvbench.bench.spec import load_suite
@@ -38,10 +38,10 @@ def test_bad_reuse_specs_are_refused(data, message):
         spec_from_dict({"name": "x", "kind": "reuse", **data})
 
 
-@pytest.mark.parametrize("flag", [["--strategies", "dynamic"], ["--warmup", "2"], ["--repair"], ["--memory-limit", "1GB"]])
+@pytest.mark.parametrize("flag", [["--strategies", "dynamic"], ["--warmup", "2"], ["--memory-limit", "1GB"]])
 def test_reuse_suites_refuse_flags_they_would_ignore(flag, capsys):
     assert main(["run", "reuse", "--dry-run", *flag]) == 2
-    assert "takes no --strategies, --warmup, --repair or --memory-limit" in capsys.readouterr().err
+    assert "takes no --strategies, --warmup or --memory-limit" in capsys.readouterr().err
 
 
 def test_parse_mode():
@@ -159,6 +159,47 @@ def _reuse_run(tmp_path, lm, trials=1, **options):
     spec = spec_from_dict({"name": "r", "kind": "reuse", "device": "cpu", "workloads": ["rag-prefix-64"],
                            "modes": ["none", "prefix"], "requests": 3, "output_tokens": 2, "trials": trials})
     return run_reuse_suite(spec, RunOptions(out=tmp_path / "out", progress=False, **options), lm=lm)
+
+
+def test_reuse_suites_take_repair(capsys):
+    assert main(["run", "reuse", "--dry-run", "--repair"]) == 0
+
+
+def test_records_of_a_sequence_cut_mid_way_are_dropped_from_the_results(tmp_path, capsys):
+    spec = spec_from_dict({"name": "r", "kind": "reuse", "workloads": ["rag-prefix-64", "multi-turn"],
+                           "modes": ["none", "prefix"], "requests": 3, "turns": 2})
+    records = [{"point": p, "trial": t, "request_index": i}
+               for p, t, n in (("rag-prefix-64/none/-", 0, 3), ("rag-prefix-64/prefix/ram", 0, 2),
+                               ("multi-turn/none/-", 0, 2), ("multi-turn/prefix/ram", 0, 1), ("multi-turn/none/-", 1, 2))
+               for i in range(n)]
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    kept = drop_cut_sequences(path, spec, records)
+    assert {(r["point"], r["trial"]) for r in kept} == {("rag-prefix-64/none/-", 0), ("multi-turn/none/-", 0),
+                                                         ("multi-turn/none/-", 1)}
+    assert [json.loads(line) for line in path.read_text().splitlines()] == kept and len(kept) == 7
+    assert "dropped 3 record(s) of 2 sequence(s) cut mid-way" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_reuse_sequence_cut_mid_way_is_measured_again_from_its_first_request(tmp_path, capsys, embedded):
+    _reuse_run(tmp_path, embedded)
+    results = tmp_path / "out" / "results.jsonl"
+    lines = results.read_text().splitlines()
+    assert len(lines) == 6
+    # killed while appending the prefix sequence: its first record written, the second cut off
+    results.write_text("\n".join(lines[:4]) + "\n" + lines[4][:20])
+    with pytest.raises(KvbenchError, match="rerun with --repair"):
+        _reuse_run(tmp_path, embedded, resume=True)
+    capsys.readouterr()
+    outcome = _reuse_run(tmp_path, embedded, resume=True, repair=True)
+    out = capsys.readouterr().out
+    assert "dropped 1 corrupt line(s)" in out and "dropped 1 record(s) of 1 sequence(s) cut mid-way" in out
+    assert (outcome.measured, outcome.skipped) == (1, 1)
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    assert sorted((r["point"], r["request_index"]) for r in records) == \
+        sorted((p, i) for p in ("rag-prefix-64/none/-", "rag-prefix-64/prefix/ram") for i in range(3))
+    assert next(r for r in records if r["point"].endswith("prefix/ram") and r["request_index"] == 0)["cached_tokens"] == 0
 
 
 @pytest.mark.slow

@@ -249,9 +249,9 @@ def _run_reuse(spec, args) -> int:
     from kvbench.bench.reuse_runner import run_reuse_suite
     from kvbench.bench.runner import RunOptions
 
-    if args.strategies or args.warmup is not None or args.repair or args.memory_limit:
-        raise KvbenchError(f"suite {spec.name!r} is a {spec.kind} suite: it takes no --strategies, --warmup, "
-                           "--repair or --memory-limit")
+    if args.strategies or args.warmup is not None or args.memory_limit:
+        raise KvbenchError(f"suite {spec.name!r} is a {spec.kind} suite: it takes no --strategies, --warmup "
+                           "or --memory-limit")
     spec = spec.resolved(args.quick, model=args.model, device=args.device, dtype=args.dtype, trials=args.trials)
     if args.dry_run:
         print(f"{spec.name}: {len(spec.points())} request sequences x {spec.trials} trials on {spec.model}")
@@ -260,7 +260,8 @@ def _run_reuse(spec, args) -> int:
         return 0
     out = args.out or Path("results") / spec.name
     _quiet_transformers()
-    outcome = run_reuse_suite(spec, RunOptions(out=out, resume=args.resume, progress=not args.no_progress))
+    outcome = run_reuse_suite(spec, RunOptions(out=out, resume=args.resume, repair=args.repair,
+                                               progress=not args.no_progress))
     report = write_reuse_report(out)
     resumed = f", {outcome.skipped} already measured" if outcome.skipped else ""
     print(f"{spec.name}: {outcome.measured} request sequences measured{resumed}")

@@ -2,8 +2,9 @@
 
 Cold requests are cold: every sequence gets a new, empty cache (and, for the disk tier, a new
 directory), and the kernel warmup at model load uses no reuse cache at all. A sequence's records
-are appended together when it ends, so a killed run resumes at the first unfinished sequence and
-nothing half-measured is kept. Hit figures are per request (`cached_tokens`), never cumulative.
+are appended when it ends; a sequence a kill cut mid-way (some of its records written) is never
+counted as done: on resume its records are dropped and it is measured again from its first request.
+Hit figures are per request (`cached_tokens`), never cumulative.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -19,7 +22,7 @@ from tqdm import tqdm
 from kvbench.bench import provenance
 from kvbench.bench.environment import describe
 from kvbench.bench.metrics import request_timing
-from kvbench.bench.records import RESULTS, RUN_INFO, ResultsWriter, atomic_write_text
+from kvbench.bench.records import RESULTS, RUN_INFO, ResultsWriter, atomic_write_text, repair
 from kvbench.bench.reuse_spec import STREAMS, ReusePoint, ReuseSuiteSpec, TrafficSuiteSpec, parse_mode
 from kvbench.bench.reuse_workloads import Texts, build, document_pool
 from kvbench.bench.runner import RunOptions, RunOutcome, prepare_out_dir
@@ -38,7 +41,7 @@ def run_reuse_suite(spec: ReuseSuiteSpec | TrafficSuiteSpec, options: RunOptions
     existing = provenance.start(out, options.resume, options.repair, spec.digest(), environment)
     lm = lm or load_model(spec.model, spec.device, spec.dtype)
     provenance.check_model(out, existing, lm.name, lm.fingerprint)
-    measured = existing.records
+    measured = drop_cut_sequences(results_path, spec, existing.records)
     done = {(r["point"], r["trial"]) for r in measured}
     todo = [(p, t) for t in range(spec.trials) for p in spec.points() if (p.key, t) not in done]
     texts = Texts(lm.tokenizer, spec.seed)
@@ -61,6 +64,25 @@ def run_reuse_suite(spec: ReuseSuiteSpec | TrafficSuiteSpec, options: RunOptions
                 writer.append(record)
             bar.update()
     return RunOutcome(out, len(todo), spec.trials * len(spec.points()) - len(todo), ())
+
+
+def sequence_length(spec: ReuseSuiteSpec | TrafficSuiteSpec, workload: str) -> int:
+    """Requests in one sequence of `workload` (a traffic suite: in one stream)."""
+    return spec.turns if spec.kind == "reuse" and workload == "multi-turn" else spec.requests
+
+
+def drop_cut_sequences(path: Path, spec: ReuseSuiteSpec | TrafficSuiteSpec, records: list[dict]) -> list[dict]:
+    """The records of complete sequences; those of a sequence cut mid-way are dropped from `path`, so that
+    it is measured again from its first request and the report never counts it twice."""
+    lengths = {p.key: sequence_length(spec, p.workload) for p in spec.points()}
+    counts = Counter((r["point"], r["trial"]) for r in records)
+    cut = {key for key, n in counts.items() if n < lengths[key[0]]}
+    if not cut:
+        return records
+    dropped = repair(path, keep=lambda r: (r["point"], r["trial"]) not in cut)
+    print(f"kvbench: dropped {dropped} record(s) of {len(cut)} sequence(s) cut mid-way; they are measured again "
+          "from their first request")
+    return [r for r in records if (r["point"], r["trial"]) not in cut]
 
 
 def _warm_kernels(lm: LoadedModel) -> None:
@@ -108,8 +130,7 @@ class _ReuseSequences:
         self.config = GenerationConfig(max_new_tokens=spec.output_tokens, stop_at_eos=False)
 
     def __call__(self, point: ReusePoint, trial: int) -> list[dict]:
-        count = self.spec.turns if point.workload == "multi-turn" else self.spec.requests
-        requests = build(point.workload, self.texts, count)
+        requests = build(point.workload, self.texts, sequence_length(self.spec, point.workload))
         if point.mode == "none":
             return [self._record(point, trial, i, r, generate(self.lm, self.dynamic, [r.ids], self.config))
                     for i, r in enumerate(requests)]
