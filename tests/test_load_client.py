@@ -168,7 +168,7 @@ def test_load_command_writes_records_summary_and_report(tmp_path, capsys):
     out = tmp_path / "out"
     with FakeServer() as url:
         code = main(["load", "--url", url, "--workload", str(path), "--request-rates", "inf,50", "--output-tokens", "3",
-                     "--slo", "ttft_ms=10000,tpot_ms=10000", "--out", str(out), "--no-progress"])
+                     "--same-prompts-each-rate", "--slo", "ttft_ms=10000,tpot_ms=10000", "--out", str(out), "--no-progress"])
     assert code == 0
     records = read_records(out / "results.jsonl")
     assert len(records) == 6 and {r["request_rate"] for r in records} == {"inf", "50"}
@@ -185,6 +185,48 @@ def test_load_command_writes_records_summary_and_report(tmp_path, capsys):
     assert "| inf | 2 / 3 / 3 |" in report and "http_500" in report and "PARTIAL" not in report
     assert "requests measured" in capsys.readouterr().out
     assert main(["report", str(out)]) == 0  # the report command reads a load run too
+
+
+@pytest.mark.parametrize("workload", ["random", "prefix-repetition", "reuse:rag-prefix-100", "jsonl"])
+def test_each_rate_sends_its_own_prompts_unless_asked_for_the_same(workload, tmp_path):
+    if workload == "jsonl":
+        workload = str(conversations(tmp_path, [f"conversation {i}" for i in range(6)]))
+    seen = {}
+    for same in (False, True):
+        out = tmp_path / f"out-{same}"
+        argv = ["load", "--workload", workload, "--tokenizer", "smollm2-135m", "--request-rates", "inf,1000",
+                "--num-requests", "3", "--prompt-tokens", "16", "--prefix-tokens", "32", "--prefixes", "1",
+                "--suffixes", "3", "--output-tokens", "2", "--out", str(out), "--no-progress"]
+        server = FakeServer()
+        with server as url:
+            assert main([*argv, "--url", url, *(["--same-prompts-each-rate"] if same else [])]) == 0
+        # after the probe request; rate inf sends all at once, so its arrival order varies
+        first, second = set(server.prompts[-6:-3]), set(server.prompts[-3:])
+        assert len(first) == 3 == len(second)
+        seen[same] = first, second
+        info, summary = (json.loads((out / name).read_text()) for name in ("run.json", "summary.json"))
+        assert info["config"]["same_prompts_each_rate"] is summary["same_prompts_each_rate"] is same
+    assert seen[False][0].isdisjoint(seen[False][1])
+    assert seen[True][0] == seen[True][1]
+
+
+@pytest.mark.parametrize("workload, shared", [("reuse:rag-interior-100", False), ("reuse:rag-prefix-100", True)])
+def test_the_load_report_finds_a_prefix_effect_only_where_requests_share_a_prefix(workload, shared, tmp_path):
+    out = tmp_path / "out"
+    with FakeServer() as url:
+        assert main(["load", "--url", url, "--workload", workload, "--tokenizer", "smollm2-135m", "--num-requests", "3",
+                     "--output-tokens", "2", "--out", str(out), "--no-progress"]) == 0
+    point = json.loads((out / "summary.json").read_text())["points"]["inf"]
+    assert ("ttft_new_over_shared" in point) is shared
+    assert ("## Prefix cache effect" in (out / "report.md").read_text()) is shared
+
+
+def test_a_conversation_file_too_short_for_every_rate_to_send_its_own_is_refused(tmp_path, capsys):
+    path = conversations(tmp_path, ["a", "b", "c"])
+    assert main(["load", "--url", "http://127.0.0.1:9/v1", "--workload", str(path), "--request-rates", "1,2",
+                 "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "holds 3 conversations and 2 rates need 6 for each to send its own; give --num-requests 1 or " \
+           "--same-prompts-each-rate" in capsys.readouterr().err
 
 
 def test_load_flag_defaults_equal_config_defaults():

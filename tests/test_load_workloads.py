@@ -1,8 +1,11 @@
 import json
+import math
+from dataclasses import replace
 
 import pytest
 
-from kvbench.clients.workloads import LoadWorkload, build_requests, load_tokenizer, read_conversations
+from kvbench.clients.run import DEFAULT_REQUESTS, LoadConfig, fit_context, rate_requests
+from kvbench.clients.workloads import LoadWorkload, build_requests, context_window, load_tokenizer, read_conversations
 from kvbench.errors import KvbenchError
 
 
@@ -98,8 +101,32 @@ def test_reuse_suite_sequences_as_load_workloads():
     document = reqs[0].prompt[reqs[0].prompt.index("Document: "):][:500]
     assert all(document in r.prompt for r in reqs)
     assert len({r.prompt.split("Document: ")[0] for r in reqs}) == 3  # a different preamble each
-    assert [r.shared_prefix for r in reqs] == [False, True, True] and reqs[0].max_tokens == 4
+    # the document is shared, but after a different preamble: no request shares a prefix
+    assert [(r.prefix_id, r.shared_prefix) for r in reqs] == [(0, False), (1, False), (2, False)]
+    assert reqs[0].max_tokens == 4
+    prefixed = build_requests(LoadWorkload(kind="reuse:rag-prefix-500"), 3, tok)
+    assert [(r.prefix_id, r.shared_prefix) for r in prefixed] == [(0, False), (0, True), (0, True)]
     turns = build_requests(LoadWorkload(kind="reuse:multi-turn"), 3, tok)
     assert [r.turn for r in turns] == [1, 2, 3] and turns[2].prompt.startswith(turns[1].prompt)
     with pytest.raises(KvbenchError, match="unknown reuse workload 'rag-middle-5'"):
         LoadWorkload(kind="reuse:rag-middle-5")
+
+
+def test_reuse_load_counts_fit_the_context_window():
+    tok = CharTokenizer()
+    tok.model_max_length = 2000
+    config = LoadConfig(url="http://x", workload=LoadWorkload(kind="reuse:multi-turn", output_tokens=10))
+    schedules = {"inf": config.schedule(math.inf)}
+    requests = rate_requests(config, {"inf": len(schedules["inf"])}, tok)
+    assert fit_context(config, requests, schedules, tok) == 2000
+    fit = len(requests["inf"])
+    assert 1 < fit < DEFAULT_REQUESTS and len(schedules["inf"]) == fit  # the default count, cut to what fits
+    assert all(len(r.prompt) + 10 <= 2000 for r in requests["inf"])
+    asked = replace(config, num_requests=fit + 1)
+    with pytest.raises(KvbenchError, match=f"request {fit + 1} of the reuse:multi-turn workload does not fit the "
+                                           f"tokenizer's 2000-token context with 10 output tokens; give --num-requests {fit}$"):
+        fit_context(asked, rate_requests(asked, {"inf": fit + 1}, tok), {"inf": asked.schedule(math.inf)}, tok)
+
+
+def test_the_embedded_tokenizer_knows_its_context_window_from_the_model_config():
+    assert context_window(load_tokenizer("smollm2-135m")) == 8192

@@ -6,8 +6,9 @@ from collections import Counter
 import pytest
 
 from kvbench.bench.reuse_report import break_even, mode_rows
-from kvbench.bench.reuse_runner import stream_order
-from kvbench.bench.reuse_spec import ReuseSuiteSpec, TrafficSuiteSpec, parse_mode
+from kvbench.bench.reuse_runner import drop_cut_sequences, ram_budget, run_reuse_suite, stream_order
+from kvbench.bench.reuse_spec import ReuseSuiteSpec, TrafficSuiteSpec, parse_mode, spec_from_dict
+from kvbench.bench.runner import RunOptions
 from kvbench.bench.spec import load_suite
 from kvbench.cli import main
 from kvbench.errors import KvbenchError
@@ -33,16 +34,14 @@ def test_shipped_reuse_suites_load_and_list_their_sequences():
     ({"colour": "red"}, "unknown ReuseSuiteSpec key"),
 ])
 def test_bad_reuse_specs_are_refused(data, message):
-    from kvbench.bench.reuse_spec import spec_from_dict
-
     with pytest.raises(KvbenchError, match=message):
         spec_from_dict({"name": "x", "kind": "reuse", **data})
 
 
-@pytest.mark.parametrize("flag", [["--strategies", "dynamic"], ["--warmup", "2"], ["--repair"], ["--memory-limit", "1GB"]])
+@pytest.mark.parametrize("flag", [["--strategies", "dynamic"], ["--warmup", "2"], ["--memory-limit", "1GB"]])
 def test_reuse_suites_refuse_flags_they_would_ignore(flag, capsys):
     assert main(["run", "reuse", "--dry-run", *flag]) == 2
-    assert "takes no --strategies, --warmup, --repair or --memory-limit" in capsys.readouterr().err
+    assert "takes no --strategies, --warmup or --memory-limit" in capsys.readouterr().err
 
 
 def test_parse_mode():
@@ -60,6 +59,29 @@ def test_stream_orders_have_their_shape():
     assert set(uniform) == set(range(10)) and max(Counter(uniform).values()) < 80
     repeats = sum(b in temporal[max(0, i - 3):i + 1] for i, b in enumerate(temporal[1:]))
     assert repeats > 0.7 * len(temporal)
+
+
+def test_traffic_ram_budget_holds_exactly_ram_documents_documents():
+    import torch
+
+    from kvbench.reuse.store import Block, RamTier
+
+    spec = load_suite("traffic")  # 256-token documents, 64-token blocks, RAM for 4 documents
+    prompt = spec.document_tokens + 16  # "Document: ", document, question (smollm2): 4 full blocks + 16 tokens
+    per_token = 8
+    ram = RamTier(ram_budget(spec, prompt, per_token))
+    block_bytes = spec.block_size * per_token
+
+    def send(doc: int) -> None:  # what the reuse cache stores for one request: its full blocks
+        for b in range(prompt // spec.block_size):
+            ram.put(f"{doc}/{b}", Block(torch.zeros(block_bytes // 4), b * spec.block_size, (), ""))
+
+    for doc in range(int(spec.ram_documents)):
+        send(doc)
+    assert ram.stats.evictions == 0 and ram.stats.bytes == ram.budget  # 4 documents fill it exactly
+    send(int(spec.ram_documents))
+    assert ram.stats.evictions == prompt // spec.block_size  # the 5th pushes out the whole 1st
+    assert {k.split("/")[0] for k in ram.keys()} == {"1", "2", "3", "4"}
 
 
 def _record(workload, mode, index, ttft, trial=0, tier="ram", recompute=None, **extra):
@@ -131,3 +153,64 @@ def test_chunk_reuse_of_an_interior_document_agrees_with_no_reuse(embedded):
     checks = [engine.verify_correctness(request.ids, max_new_tokens=32) for request in requests[1:]]
     assert all(c.reuse.cached_tokens > 300 and c.reuse.exact_tokens == 0 for c in checks)
     assert sum(c.identical for c in checks) >= 3
+
+
+def _reuse_run(tmp_path, lm, trials=1, **options):
+    spec = spec_from_dict({"name": "r", "kind": "reuse", "device": "cpu", "workloads": ["rag-prefix-64"],
+                           "modes": ["none", "prefix"], "requests": 3, "output_tokens": 2, "trials": trials})
+    return run_reuse_suite(spec, RunOptions(out=tmp_path / "out", progress=False, **options), lm=lm)
+
+
+def test_reuse_suites_take_repair(capsys):
+    assert main(["run", "reuse", "--dry-run", "--repair"]) == 0
+
+
+def test_records_of_a_sequence_cut_mid_way_are_dropped_from_the_results(tmp_path, capsys):
+    spec = spec_from_dict({"name": "r", "kind": "reuse", "workloads": ["rag-prefix-64", "multi-turn"],
+                           "modes": ["none", "prefix"], "requests": 3, "turns": 2})
+    records = [{"point": p, "trial": t, "request_index": i}
+               for p, t, n in (("rag-prefix-64/none/-", 0, 3), ("rag-prefix-64/prefix/ram", 0, 2),
+                               ("multi-turn/none/-", 0, 2), ("multi-turn/prefix/ram", 0, 1), ("multi-turn/none/-", 1, 2))
+               for i in range(n)]
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    kept = drop_cut_sequences(path, spec, records)
+    assert {(r["point"], r["trial"]) for r in kept} == {("rag-prefix-64/none/-", 0), ("multi-turn/none/-", 0),
+                                                         ("multi-turn/none/-", 1)}
+    assert [json.loads(line) for line in path.read_text().splitlines()] == kept and len(kept) == 7
+    assert "dropped 3 record(s) of 2 sequence(s) cut mid-way" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_reuse_sequence_cut_mid_way_is_measured_again_from_its_first_request(tmp_path, capsys, embedded):
+    _reuse_run(tmp_path, embedded)
+    results = tmp_path / "out" / "results.jsonl"
+    lines = results.read_text().splitlines()
+    assert len(lines) == 6
+    # killed while appending the prefix sequence: its first record written, the second cut off
+    results.write_text("\n".join(lines[:4]) + "\n" + lines[4][:20])
+    with pytest.raises(KvbenchError, match="rerun with --repair"):
+        _reuse_run(tmp_path, embedded, resume=True)
+    capsys.readouterr()
+    outcome = _reuse_run(tmp_path, embedded, resume=True, repair=True)
+    out = capsys.readouterr().out
+    assert "dropped 1 corrupt line(s)" in out and "dropped 1 record(s) of 1 sequence(s) cut mid-way" in out
+    assert (outcome.measured, outcome.skipped) == (1, 1)
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    assert sorted((r["point"], r["request_index"]) for r in records) == \
+        sorted((p, i) for p in ("rag-prefix-64/none/-", "rag-prefix-64/prefix/ram") for i in range(3))
+    assert next(r for r in records if r["point"].endswith("prefix/ram") and r["request_index"] == 0)["cached_tokens"] == 0
+
+
+@pytest.mark.slow
+def test_a_reuse_run_resumes_only_with_the_same_weights_and_keeps_every_part(tmp_path, embedded):
+    _reuse_run(tmp_path, embedded)
+    info_path = tmp_path / "out" / "run.json"
+    first = json.loads(info_path.read_text())
+    _reuse_run(tmp_path, embedded, trials=2, resume=True)
+    info = json.loads(info_path.read_text())
+    assert [p["written"] for p in info["parts"]] == [first["written"], info["written"]]
+    info["models"]["smollm2-135m"]["fingerprint"] = "feedbeef"
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(KvbenchError, match="smollm2-135m with other weights \\(fingerprint feedbeef, now "):
+        _reuse_run(tmp_path, embedded, trials=3, resume=True)

@@ -58,6 +58,34 @@ def test_resume_refuses_a_different_sweep(tiny_suite, tmp_path, tiny):
         _run(spec.with_overrides(prompt_tokens=[8]), tmp_path / "out", tiny, resume=True)
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("git_commit", "0" * 40, rf"different kvbench commit \({'0' * 40}, now "),
+    ("kvbench", "0.0.1", r"different kvbench version \(0.0.1, now "),
+    ("fingerprint", "feedbeef", r"synthetic:tiny with other weights \(fingerprint feedbeef, now "),
+])
+def test_resume_refuses_another_kvbench_or_other_weights(tiny_suite, tmp_path, tiny, field, value, message):
+    spec = load_suite(str(tiny_suite))
+    out = tmp_path / "out"
+    _run(spec.with_overrides(trials=1), out, tiny)
+    info = json.loads((out / "run.json").read_text())
+    (info["models"]["synthetic:tiny"] if field == "fingerprint" else info["environment"])[field] = value
+    (out / "run.json").write_text(json.dumps(info))
+    with pytest.raises(KvbenchError, match=message + ".*choose another --out"):
+        _run(spec, out, tiny, resume=True)
+    assert len(read_records(out / "results.jsonl")) == 8  # nothing added
+
+
+def test_resume_keeps_every_part_in_run_json(tiny_suite, tmp_path, tiny):
+    spec = load_suite(str(tiny_suite))
+    out = tmp_path / "out"
+    _run(spec.with_overrides(trials=1), out, tiny)
+    first = json.loads((out / "run.json").read_text())
+    _run(spec, out, tiny, resume=True)
+    parts = json.loads((out / "run.json").read_text())["parts"]
+    assert len(parts) == 2 and parts[0] == first["parts"][0] == {"written": first["written"],
+                                                                  "environment": first["environment"]}
+
+
 def test_corrupt_line_is_reported_and_repair_keeps_good_records(tiny_suite, tmp_path, tiny):
     spec = load_suite(str(tiny_suite)).with_overrides(trials=1)
     out = tmp_path / "out"

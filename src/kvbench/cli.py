@@ -87,6 +87,9 @@ def _load_parser(sub) -> None:
     rate = ld.add_mutually_exclusive_group()
     rate.add_argument("--request-rate", default="inf", help="requests/s, or inf to send all at once")
     rate.add_argument("--request-rates", help="comma-separated rates for a latency-vs-load sweep, e.g. 1,2,4,inf")
+    ld.add_argument("--same-prompts-each-rate", action="store_true",
+                    help="send every rate the same prompts (default: each its own, seeded by rate, so a server's "
+                         "prefix cache is not warm from the rates before)")
     ld.add_argument("--burstiness", type=float, default=cfg.burstiness, help="gamma shape: 1 Poisson, < 1 burstier")
     ld.add_argument("--max-concurrency", type=int, default=cfg.max_concurrency)
     count = ld.add_mutually_exclusive_group()
@@ -269,9 +272,9 @@ def _run_reuse(spec, args) -> int:
     from kvbench.bench.reuse_runner import run_reuse_suite
     from kvbench.bench.runner import RunOptions
 
-    if args.strategies or args.warmup is not None or args.repair or args.memory_limit:
-        raise KvbenchError(f"suite {spec.name!r} is a {spec.kind} suite: it takes no --strategies, --warmup, "
-                           "--repair or --memory-limit")
+    if args.strategies or args.warmup is not None or args.memory_limit:
+        raise KvbenchError(f"suite {spec.name!r} is a {spec.kind} suite: it takes no --strategies, --warmup "
+                           "or --memory-limit")
     spec = spec.resolved(args.quick, model=args.model, device=args.device, dtype=args.dtype, trials=args.trials)
     if args.dry_run:
         print(f"{spec.name}: {len(spec.points())} request sequences x {spec.trials} trials on {spec.model}")
@@ -280,7 +283,8 @@ def _run_reuse(spec, args) -> int:
         return 0
     out = args.out or Path("results") / spec.name
     _quiet_transformers()
-    outcome = run_reuse_suite(spec, RunOptions(out=out, resume=args.resume, progress=not args.no_progress))
+    outcome = run_reuse_suite(spec, RunOptions(out=out, resume=args.resume, repair=args.repair,
+                                               progress=not args.no_progress))
     report = write_reuse_report(out)
     resumed = f", {outcome.skipped} already measured" if outcome.skipped else ""
     print(f"{spec.name}: {outcome.measured} request sequences measured{resumed}")
@@ -329,7 +333,7 @@ def load_config(args) -> LoadConfig:
         request_rates=tuple(parse_rate(r.strip()) for r in rates), burstiness=args.burstiness,
         max_concurrency=args.max_concurrency, num_requests=args.num_requests, duration_s=args.duration,
         slo=parse_slo(args.slo) if args.slo else None, seed=args.seed, timeout_s=args.timeout,
-        tokenizer=args.tokenizer, ignore_eos=args.ignore_eos,
+        tokenizer=args.tokenizer, ignore_eos=args.ignore_eos, same_prompts_each_rate=args.same_prompts_each_rate,
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from kvbench.errors import KvbenchError
@@ -73,9 +74,10 @@ def read_records(path: Path, strict: bool = True) -> list[dict]:
     return records
 
 
-def repair(path: Path) -> int:
-    """Rewrite the file (atomically) without its corrupt lines; returns how many were dropped."""
-    good = read_records(path, strict=False)
+def repair(path: Path, keep: Callable[[dict], bool] = lambda record: True) -> int:
+    """Rewrite the file (atomically) without its corrupt lines and the records `keep` rejects; returns how
+    many lines were dropped."""
+    good = [r for r in read_records(path, strict=False) if keep(r)]
     total = sum(1 for line in open(path, encoding="utf-8") if line.strip())
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in good))
     return total - len(good)

@@ -2,8 +2,9 @@
 
 Cold requests are cold: every sequence gets a new, empty cache (and, for the disk tier, a new
 directory), and the kernel warmup at model load uses no reuse cache at all. A sequence's records
-are appended together when it ends, so a killed run resumes at the first unfinished sequence and
-nothing half-measured is kept. Hit figures are per request (`cached_tokens`), never cumulative.
+are appended when it ends; a sequence a kill cut mid-way (some of its records written) is never
+counted as done: on resume its records are dropped and it is measured again from its first request.
+Hit figures are per request (`cached_tokens`), never cumulative.
 """
 
 from __future__ import annotations
@@ -11,22 +12,24 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from kvbench.bench import provenance
 from kvbench.bench.environment import describe
 from kvbench.bench.metrics import request_timing
-from kvbench.bench.records import RESULTS, RUN_INFO, ResultsWriter, atomic_write_text, read_records
+from kvbench.bench.records import RESULTS, RUN_INFO, ResultsWriter, atomic_write_text, repair
 from kvbench.bench.reuse_spec import STREAMS, ReusePoint, ReuseSuiteSpec, TrafficSuiteSpec, parse_mode
 from kvbench.bench.reuse_workloads import ReuseRequest, Texts, build, document_pool
-from kvbench.bench.runner import RunOptions, RunOutcome, check_resumable, prepare_out_dir
+from kvbench.bench.runner import RunOptions, RunOutcome, prepare_out_dir
 from kvbench.device import resolve_device
 from kvbench.engine import GenerationConfig, GenerationResult, generate
 from kvbench.engine.generate import check_prompts
 from kvbench.engine.reuse import prefill_floor_ms
-from kvbench.errors import KvbenchError
 from kvbench.models import LoadedModel, load_model
 from kvbench.reuse import ReuseCache, ReuseConfig
 from kvbench.strategies import build_strategy
@@ -35,27 +38,26 @@ from kvbench.strategies import build_strategy
 def run_reuse_suite(spec: ReuseSuiteSpec | TrafficSuiteSpec, options: RunOptions, lm: LoadedModel | None = None) -> RunOutcome:
     out = prepare_out_dir(options.out)
     results_path = out / RESULTS
-    existing: list[dict] = []
-    if results_path.exists() and results_path.stat().st_size > 0:
-        if not options.resume:
-            raise KvbenchError(f"{out} already holds results; pass --resume to continue that run, or choose another --out")
-        check_resumable(out, spec.kind, spec.digest())
-        existing = read_records(results_path)
-    done = {(r["point"], r["trial"]) for r in existing}
-    todo = [(p, t) for t in range(spec.trials) for p in spec.points() if (p.key, t) not in done]
+    environment = describe(resolve_device(spec.device))
+    existing = provenance.start(out, spec.kind, options.resume, options.repair, spec.digest(), environment)
     lm = lm or load_model(spec.model, spec.device, spec.dtype)
+    provenance.check_model(out, existing, lm.name, lm.fingerprint)
+    measured = drop_cut_sequences(results_path, spec, existing.records)
+    done = {(r["point"], r["trial"]) for r in measured}
+    todo = [(p, t) for t in range(spec.trials) for p in spec.points() if (p.key, t) not in done]
     texts = Texts(lm.tokenizer, spec.seed)
     references = {(r["workload"], r["trial"], r["request_index"]): r["output_ids"]
-                  for r in existing if r["reuse_mode"] == "none"}
+                  for r in measured if r["reuse_mode"] == "none"}
     measure = _ReuseSequences(spec, lm, texts, references) if spec.kind == "reuse" else _TrafficStreams(spec, lm, texts)
     for point, trial in todo:  # every request fits the model, before anything is measured
         for request in measure.requests(point, trial):
             check_prompts(lm, [request.ids], spec.output_tokens)
     info = {"suite": spec.name, "kind": spec.kind, "spec": spec.to_dict(), "spec_digest": spec.digest(),
-            "environment": describe(resolve_device(spec.device)),
+            "environment": environment,
             "models": {lm.name: {"fingerprint": lm.fingerprint, "dtype": str(lm.dtype).removeprefix("torch."),
                                  "weight_bytes": lm.weight_bytes}},
             "notes": [], "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    info["parts"] = provenance.parts(existing, info)
     atomic_write_text(out / RUN_INFO, json.dumps(info, indent=2) + "\n")
     _warm_kernels(lm)
     with ResultsWriter(results_path) as writer, tqdm(total=len(todo), desc=spec.name, unit="seq",
@@ -66,6 +68,25 @@ def run_reuse_suite(spec: ReuseSuiteSpec | TrafficSuiteSpec, options: RunOptions
                 writer.append(record)
             bar.update()
     return RunOutcome(out, len(todo), spec.trials * len(spec.points()) - len(todo), ())
+
+
+def sequence_length(spec: ReuseSuiteSpec | TrafficSuiteSpec, workload: str) -> int:
+    """Requests in one sequence of `workload` (a traffic suite: in one stream)."""
+    return spec.turns if spec.kind == "reuse" and workload == "multi-turn" else spec.requests
+
+
+def drop_cut_sequences(path: Path, spec: ReuseSuiteSpec | TrafficSuiteSpec, records: list[dict]) -> list[dict]:
+    """The records of complete sequences; those of a sequence cut mid-way are dropped from `path`, so that
+    it is measured again from its first request and the report never counts it twice."""
+    lengths = {p.key: sequence_length(spec, p.workload) for p in spec.points()}
+    counts = Counter((r["point"], r["trial"]) for r in records)
+    cut = {key for key, n in counts.items() if n < lengths[key[0]]}
+    if not cut:
+        return records
+    dropped = repair(path, keep=lambda r: (r["point"], r["trial"]) not in cut)
+    print(f"kvbench: dropped {dropped} record(s) of {len(cut)} sequence(s) cut mid-way; they are measured again "
+          "from their first request")
+    return [r for r in records if (r["point"], r["trial"]) not in cut]
 
 
 def _warm_kernels(lm: LoadedModel) -> None:
@@ -113,8 +134,7 @@ class _ReuseSequences:
         self.config = GenerationConfig(max_new_tokens=spec.output_tokens, stop_at_eos=False)
 
     def requests(self, point: ReusePoint, trial: int) -> list[ReuseRequest]:
-        count = self.spec.turns if point.workload == "multi-turn" else self.spec.requests
-        return build(point.workload, self.texts, count)
+        return build(point.workload, self.texts, sequence_length(self.spec, point.workload))
 
     def __call__(self, point: ReusePoint, trial: int) -> list[dict]:
         requests = self.requests(point, trial)
@@ -161,6 +181,12 @@ def stream_order(s: TrafficSuiteSpec, stream: str, trial: int) -> list[int]:
     return order
 
 
+def ram_budget(s: TrafficSuiteSpec, prompt_tokens: int, kv_bytes_per_token: int) -> int:
+    """Bytes for exactly `ram_documents` requests' stored blocks: a request stores the full blocks of
+    its prompt (the partial last block is never stored, so it must not be counted either)."""
+    return int(s.ram_documents * (prompt_tokens // s.block_size)) * s.block_size * kv_bytes_per_token
+
+
 class _TrafficStreams:
     """Each stream sends `requests` requests, a document of the pool plus a fresh question, in the
     stream's order; RAM holds `ram_documents` documents' worth of blocks, the disk tier the rest."""
@@ -173,14 +199,15 @@ class _TrafficStreams:
 
     def requests(self, point: ReusePoint, trial: int) -> list[ReuseRequest]:
         """In the stream's order: a document of the pool, then a fresh question."""
-        return [ReuseRequest(self.pool[doc] + self.texts.encode("\n\nQ: ") + self.texts.prose(8, 10_000 + 97 * trial + i))
-                for i, doc in enumerate(stream_order(self.spec, point.workload, trial))]
+        return [ReuseRequest(self._prompt(doc, trial, i)) for i, doc in enumerate(stream_order(self.spec, point.workload, trial))]
+
+    def _prompt(self, doc: int, trial: int, i: int) -> list[int]:
+        return self.pool[doc] + self.texts.encode("\n\nQ: ") + self.texts.prose(8, 10_000 + 97 * trial + i)
 
     def __call__(self, point: ReusePoint, trial: int) -> list[dict]:
         s = self.spec
         with tempfile.TemporaryDirectory(prefix="kvbench-disk-tier-") as disk_dir:
-            blocks_per_doc = -(-(s.document_tokens + 2) // s.block_size)
-            ram = int(s.ram_documents * blocks_per_doc * s.block_size * self.lm.kv_bytes_per_token)
+            ram = ram_budget(s, len(self._prompt(0, trial, 0)), self.lm.kv_bytes_per_token)
             cache = _cache(self.lm, s, "prefix", disk_dir if s.disk else None, ram_bytes=ram)
             records = []
             documents = stream_order(s, point.workload, trial)

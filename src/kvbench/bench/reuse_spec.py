@@ -145,7 +145,7 @@ class TrafficSuiteSpec(_ReuseSpecBase):
     zipf_s: float = 1.2
     locality: float = 0.8  # temporal: chance to re-send one of the last `window` documents
     window: int = 3
-    ram_documents: float = 4  # RAM budget in documents' worth of blocks
+    ram_documents: float = 4  # RAM budget: the full blocks of this many requests (reuse_runner.ram_budget)
     disk: bool = True
     output_tokens: int = 1
 

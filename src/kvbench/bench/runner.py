@@ -15,13 +15,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from kvbench.bench import preflight
+from kvbench.bench import preflight, provenance
 from kvbench.bench.assess import Assessor
 from kvbench.bench.environment import describe
 from kvbench.bench.metrics import request_timing
-from kvbench.bench.records import (
-    RESULTS, RUN_INFO, ResultsWriter, atomic_write_text, read_records, read_run_info, repair, run_kind,
-)
+from kvbench.bench.records import RESULTS, RUN_INFO, ResultsWriter, atomic_write_text
 from kvbench.bench.spec import Point, SuiteSpec, to_dict
 from kvbench.bench.workloads import Prompt, build_prompts
 from kvbench.engine import GenerationConfig, GenerationResult, generate
@@ -62,24 +60,15 @@ def run_suite(spec: SuiteSpec, options: RunOptions, lm: LoadedModel | None = Non
     """Measure every point not yet in OUT/results.jsonl. `lm`, when given, serves its own model spec."""
     out = prepare_out_dir(options.out)
     results_path = out / RESULTS
-    if options.repair and results_path.exists():
-        dropped = repair(results_path)
-        print(f"kvbench: dropped {dropped} corrupt line(s) from {results_path}")
-    existing: list[dict] = []
-    if results_path.exists() and results_path.stat().st_size > 0:
-        if not options.resume:
-            raise KvbenchError(f"{out} already holds results; pass --resume to continue that run, or choose another --out")
-        check_resumable(out, "suite", spec.digest())
-        existing = read_records(results_path)
-
     notes = sorted({n for s in spec.variants() for n in s.build().notes(_device_hint(lm, spec))})
     info = _run_info(spec, notes)
-    if existing:  # keep what earlier, resumed runs learnt about their models
-        info["models"] = read_run_info(out).get("models", {})
+    existing = provenance.start(out, "suite", options.resume, options.repair, spec.digest(), info["environment"])
+    info["models"] = existing.info.get("models", {})  # keep what earlier parts learnt about their models
+    info["parts"] = provenance.parts(existing, info)
     all_points = spec.points()
     for point in all_points:  # before any model loads
         point.strategy.build().check_batch(point.batch_size)
-    done = {(r.get("point"), r.get("trial")) for r in existing if not r.get("warmup")}
+    done = {(r.get("point"), r.get("trial")) for r in existing.records if not r.get("warmup")}
     todo = [(p, t) for p in all_points for t in range(spec.trials) if (p.key, t) not in done]
     unfinished = {p for p, _ in todo}
     bar = tqdm(total=len(todo), desc=spec.name, unit="trial", disable=not options.progress)
@@ -89,6 +78,7 @@ def run_suite(spec: SuiteSpec, options: RunOptions, lm: LoadedModel | None = Non
             if unfinished.isdisjoint(points):
                 continue
             model = lm if lm is not None and lm.name == model_name else load_model(model_name, spec.device, spec.dtype)
+            provenance.check_model(out, existing, model_name, model.fingerprint)
             prompts = {p: _prompts_for(spec, model, p) for p in points}
             _check_points(model, points, prompts)
             worst = preflight.estimate(model, points, {p: max(len(x.ids) for x in prompts[p]) for p in points})
@@ -214,20 +204,6 @@ def _device_hint(lm: LoadedModel | None, spec: SuiteSpec):
     from kvbench.device import resolve_device
 
     return lm.device if lm is not None else resolve_device(spec.device)
-
-
-def check_resumable(out: Path, kind: str, digest: str) -> None:
-    """Refuse to resume into OUT when it holds another kind of run, or the same kind with a different spec."""
-    found = run_kind(out)
-    if found != kind:
-        raise KvbenchError(f"{out} holds a {found} run, not a {kind} run; resume only the run that wrote it, "
-                           "or choose another --out")
-    previous = read_run_info(out).get("spec_digest")
-    if previous and previous != digest:
-        raise KvbenchError(
-            f"{out} holds results of a different sweep (spec changed since); resume with the same "
-            "suite and flags, or choose another --out"
-        )
 
 
 def _run_info(spec: SuiteSpec, notes: list[str]) -> dict:

@@ -59,6 +59,7 @@ class FakeServer:
         self.port = port
         self.counters = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0}
         self._last_prompt: list[str] = []
+        self.prompts: list[str] = []  # every prompt received, in order of arrival
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
         self._thread: threading.Thread | None = None
@@ -143,6 +144,7 @@ class FakeServer:
 
     async def _generate(self, body: dict, chat: bool, writer: asyncio.StreamWriter) -> bool:
         prompt = " ".join(m["content"] for m in body["messages"]) if chat else body["prompt"]
+        self.prompts.append(prompt)
         fault = (FAULT.search(prompt) or [None, None])[1]
         if fault == "http_500":
             return await _json(writer, 500, {"error": {"message": "injected failure"}})

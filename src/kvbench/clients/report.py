@@ -26,11 +26,12 @@ def summarize_run(out: Path) -> dict:
     points = {}
     for label, rs in groups.items():
         point = aggregate(rs, slo)
-        if any(r.get("prefix_id") is not None for r in rs):
+        if any(r.get("shared_prefix") for r in rs):  # a prefix-cache effect only where a request shares a prefix
             point.update(prefix_effect(rs))
         point["planned"] = (info.get("points", {}).get(label) or {}).get("planned", len(rs))
         points[label] = point
-    return {"partial": info.get("partial", False), "slo": slo, "points": points}
+    return {"partial": info.get("partial", False), "slo": slo,
+            "same_prompts_each_rate": (info.get("config") or {}).get("same_prompts_each_rate"), "points": points}
 
 
 def write_load_report(out: Path) -> Path:
@@ -66,6 +67,12 @@ def _f(x, digits: int = 1) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+def _prompts_note(same: bool | None) -> str:
+    if same is False:
+        return "each rate its own (seeded by rate)"
+    return "the same at every rate: a server's prefix cache is warm for every rate after the first"
+
+
 def render(info: dict, summary: dict) -> str:
     config, env, server = info.get("config", {}), info.get("environment", {}), info.get("server", {})
     workload = config.get("workload", {})
@@ -77,6 +84,7 @@ def render(info: dict, summary: dict) -> str:
         f"- workload: {workload.get('kind')} (prompt {workload.get('prompt_tokens')} tokens, max output "
         f"{workload.get('output_tokens')} tokens); burstiness {config.get('burstiness')}, max concurrency "
         f"{config.get('max_concurrency') or 'none'}, seed {config.get('seed')}",
+        f"- prompts: {_prompts_note(summary['same_prompts_each_rate'])}",
         f"- SLO for goodput: {summary['slo'] or 'none given'}",
         f"- client: python {env.get('python')}, kvbench {env.get('kvbench')}, {env.get('cpu')} "
         f"({env.get('cpu_count')} CPUs), commit `{env.get('git_commit')}`",

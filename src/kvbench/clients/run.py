@@ -8,10 +8,12 @@ reads only those files.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import itertools
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -24,7 +26,8 @@ from kvbench.clients.loadgen import run_load
 from kvbench.clients.probe import check_server, served_models
 from kvbench.clients.prometheus import scrape, server_deltas
 from kvbench.clients.stream import ENDPOINTS, Endpoint
-from kvbench.clients.workloads import LoadWorkload, Tokenizer, build_requests, load_tokenizer
+from kvbench.clients.workloads import (LoadWorkload, Request, Tokenizer, build_requests, context_window,
+                                      fitting_requests, load_tokenizer)
 from kvbench.errors import KvbenchError
 
 DEFAULT_REQUESTS = 50  # when neither --num-requests nor --duration is given and the workload has no natural size
@@ -48,6 +51,8 @@ class LoadConfig:
     timeout_s: float = 600.0
     tokenizer: str | None = None  # for the generated workloads and for counts a server does not report
     ignore_eos: bool = False
+    # False: each rate sends its own prompts, so a server's prefix cache is not warm from the rates before
+    same_prompts_each_rate: bool = False
 
     def __post_init__(self):
         if self.endpoint not in ENDPOINTS:
@@ -109,10 +114,11 @@ def run_load_config(config: LoadConfig, out: Path, progress: bool = True) -> Loa
         raise KvbenchError(f"{out} already holds results; choose another --out")
     tokenizer = _tokenizer(config)
     schedules = {rate_label(r): config.schedule(r) for r in config.request_rates}  # config errors before the probe
+    requests = rate_requests(config, {label: len(s) for label, s in schedules.items()}, tokenizer)
+    window = fit_context(config, requests, schedules, tokenizer)
     planned = sum(len(s) for s in schedules.values())
-    requests = build_requests(config.workload, max(len(s) for s in schedules.values()), tokenizer)
     info = {"kind": "load", "config": asdict(config), "environment": describe_host(), "partial": True,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "points": {}}
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "context_window": window, "points": {}}
     endpoint, models = asyncio.run(_prepare(config))
     info["server"] = {"models": models, "model": endpoint.model}
     atomic_write_text(out / RUN_INFO, json.dumps(info, indent=2))
@@ -129,9 +135,8 @@ def run_load_config(config: LoadConfig, out: Path, progress: bool = True) -> Loa
 
         try:
             for label, schedule in schedules.items():
-                info["points"][label] = {"planned": len(schedule)}
-                metrics = asyncio.run(_one_rate(config, endpoint, requests[:len(schedule)], schedule,
-                                                on_record(label), tokenizer))
+                info["points"][label] = {"planned": len(schedule), "prompt_seed": prompt_seed(config, label)}
+                metrics = asyncio.run(_one_rate(config, endpoint, requests[label], schedule, on_record(label), tokenizer))
                 info["points"][label]["server_metrics"] = metrics
             info["partial"] = False
         finally:
@@ -139,6 +144,57 @@ def run_load_config(config: LoadConfig, out: Path, progress: bool = True) -> Loa
             info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             atomic_write_text(out / RUN_INFO, json.dumps(info, indent=2))
     return LoadOutcome(records=written, planned=planned, partial=info["partial"])
+
+
+def prompt_seed(config: LoadConfig, label: str) -> int | None:
+    """The workload seed of one rate: derived from (seed, rate), or the run's own with --same-prompts-each-rate
+    (None for a .jsonl workload, whose prompts are the file's)."""
+    if config.workload.kind.endswith(".jsonl"):
+        return None
+    if config.same_prompts_each_rate:
+        return config.workload.seed
+    digest = hashlib.blake2b(f"{config.workload.seed}/{label}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big")
+
+
+def rate_requests(config: LoadConfig, counts: dict[str, int], tokenizer: Tokenizer | None) -> dict[str, list[Request]]:
+    """Each rate's requests. By default no rate re-sends another's prompts: generated workloads are seeded
+    per rate, and a .jsonl file is dealt out in turn (it must hold enough conversations)."""
+    if config.same_prompts_each_rate:
+        shared = build_requests(config.workload, max(counts.values()), tokenizer)
+        return {label: shared[:n] for label, n in counts.items()}
+    if not config.workload.kind.endswith(".jsonl"):
+        return {label: build_requests(replace(config.workload, seed=prompt_seed(config, label)), n, tokenizer)
+                for label, n in counts.items()}
+    total, available = sum(counts.values()), config.workload.natural_count
+    if len(counts) > 1 and total > available:
+        fit = available // len(counts)
+        raise KvbenchError(f"{config.workload.kind} holds {available} conversations and {len(counts)} rates need "
+                           f"{total} for each to send its own; give {f'--num-requests {fit} or ' if fit else ''}"
+                           "--same-prompts-each-rate")
+    dealt = iter(build_requests(config.workload, total, tokenizer))
+    return {label: [replace(r, index=i) for i, r in enumerate(itertools.islice(dealt, n))] for label, n in counts.items()}
+
+
+def fit_context(config: LoadConfig, requests: dict[str, list[Request]], schedules: dict[str, list[float]],
+                tokenizer: Tokenizer | None) -> int | None:
+    """Cut each rate's default count (in place) to the requests that fit the tokenizer's context window;
+    refuse a count the user asked for that does not fit. Returns the window (None: unknown, nothing checked)."""
+    window = context_window(tokenizer) if tokenizer is not None else None
+    if window is None:
+        return None
+    asked = config.num_requests is not None or config.duration_s is not None
+    for label, reqs in requests.items():
+        fit = fitting_requests(reqs, tokenizer, window)
+        if fit == len(reqs):
+            continue
+        if fit == 0 or asked:
+            fix = f"give --num-requests {fit}" if fit else "give shorter prompts or fewer --output-tokens"
+            raise KvbenchError(f"request {fit + 1} of the {config.workload.kind} workload does not fit the "
+                               f"tokenizer's {window}-token context with {config.workload.output_tokens} output "
+                               f"tokens; {fix}")
+        requests[label], schedules[label] = reqs[:fit], schedules[label][:fit]
+    return window
 
 
 def _tokenizer(config: LoadConfig) -> Tokenizer | None:

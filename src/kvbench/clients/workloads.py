@@ -9,8 +9,8 @@
   (earlier user turns and fixed assistant replies), so its prompt extends turn k-1's.
 - `reuse:<workload>`: a sequence of the reuse suite's (`kvbench.bench.reuse_workloads`): a system
   prompt, a RAG document as a prefix or after varying preambles (`reuse:rag-interior-2000`), a
-  growing chat, code context or few-shot examples, each re-sent with a new question; every request
-  after the first shares the context (`shared_prefix`).
+  growing chat, code context or few-shot examples, each re-sent with a new question; a request is
+  `shared_prefix` when it begins as an earlier one does (not rag-interior's: its preambles differ).
 - a `.jsonl` path: conversations a user supplies, ShareGPT style (`{"conversations": [{"from":
   "human", "value": ...}, ...]}`) or OpenAI style (`{"messages": [{"role": "user", ...}]}`); each
   request is a conversation up to its first user message.
@@ -30,6 +30,8 @@ from kvbench.bench.workloads import corpus_slice, synthetic_prompt
 from kvbench.errors import KvbenchError
 
 KINDS = ("random", "prefix-repetition", "multi-turn")
+SHARED_PREFIX_TOKENS = 16  # vLLM's default KV block: a shorter common prefix is no prefix-cache hit there
+_UNKNOWN_LENGTH = 10**9  # transformers' model_max_length when a tokenizer does not know its model's context
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "assistant": "assistant",
           "bing": "assistant", "bard": "assistant", "system": "system"}
 
@@ -157,9 +159,19 @@ def _multi_turn(spec: LoadWorkload, tok: Tokenizer, count: int) -> list[Request]
 
 
 def _reuse_sequence(spec: LoadWorkload, tok: Tokenizer, count: int) -> list[Request]:
+    """Request i shares the prefix of the first request that begins with the same SHARED_PREFIX_TOKENS or more
+    (rag-interior's requests share a document, but after different preambles: no prefix at all)."""
     sequence = build_reuse_sequence(spec.kind.removeprefix("reuse:"), Texts(tok, spec.seed), count)
-    return [Request(i, (_user(tok.decode(r.ids)),), spec.output_tokens, prefix_id=0, shared_prefix=i > 0, turn=r.turn)
-            for i, r in enumerate(sequence)]
+    requests = []
+    for i, r in enumerate(sequence):
+        first = next(j for j in range(i + 1) if j == i or _common_prefix(sequence[j].ids, r.ids) >= SHARED_PREFIX_TOKENS)
+        requests.append(Request(i, (_user(tok.decode(r.ids)),), spec.output_tokens, prefix_id=first,
+                                shared_prefix=first < i, turn=r.turn))
+    return requests
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def _from_jsonl(path: Path, max_tokens: int, count: int) -> list[Request]:
@@ -205,13 +217,31 @@ def _first_request(row: dict) -> tuple[dict, ...]:
 
 def load_tokenizer(spec: str) -> Tokenizer:
     """The served model's tokenizer: `smollm2-135m` (embedded), a local model dir, or a cached hub id."""
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from kvbench.models import EMBEDDED, ensure_embedded
 
     source = str(ensure_embedded()) if spec == EMBEDDED else spec
     try:
-        return AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as exc:
         raise KvbenchError(f"cannot load tokenizer {spec!r}: {exc}; give --tokenizer a local model dir or "
                            f"{EMBEDDED!r}") from None
+    if context_window(tokenizer) is None:  # many tokenizers leave it to the model's config
+        try:
+            tokenizer.model_max_length = AutoConfig.from_pretrained(source).max_position_embeddings
+        except (OSError, ValueError, AttributeError):
+            pass
+    return tokenizer
+
+
+def context_window(tok: Tokenizer) -> int | None:
+    """The tokens prompt and output may span together, when the tokenizer (or its model's config) says."""
+    n = getattr(tok, "model_max_length", None)
+    return n if isinstance(n, int) and n < _UNKNOWN_LENGTH else None
+
+
+def fitting_requests(requests: list[Request], tok: Tokenizer, window: int) -> int:
+    """How many leading requests fit the context window, prompt and max_tokens together."""
+    return next((i for i, r in enumerate(requests)
+                 if len(tok.encode(r.prompt, add_special_tokens=False)) + r.max_tokens > window), len(requests))
