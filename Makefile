@@ -68,13 +68,12 @@ test-compat: setup setup-lowest
 		$$venv/bin/python -m pytest -q -m slow tests/test_engagement.py || exit 1; \
 	done
 
-# Rewrite the locks from the venvs that just passed `make test` and `make test-compat`.
-lock:
-	for pair in "$(VENV) highest" "$(LOWEST_VENV) lowest"; do set -- $$pair; \
-		{ sed -n '1,2p' constraints/$$2.txt; $$1/bin/python -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } \
-			> constraints/$$2.txt.new && mv constraints/$$2.txt.new constraints/$$2.txt; done
-	{ sed -n '1,2p' constraints/llamacpp.txt; $(LLAMACPP_VENV)/bin/python -m pip freeze; } > constraints/llamacpp.txt.new \
-		&& mv constraints/llamacpp.txt.new constraints/llamacpp.txt
+# Rewrite the locks from the venvs that just passed `make test` and `make test-compat` (a failed freeze keeps the old lock).
+lock: setup setup-lowest setup-server
+	set -e; for pair in "$(VENV) highest" "$(LOWEST_VENV) lowest" "$(LLAMACPP_VENV) llamacpp"; do set -- $$pair; \
+		$$1/bin/python -m pip freeze --exclude-editable > constraints/$$2.txt.frozen; \
+		{ sed -n '1,2p' constraints/$$2.txt; sed 's/+cpu$$//' constraints/$$2.txt.frozen; } > constraints/$$2.txt.new; \
+		rm constraints/$$2.txt.frozen; mv constraints/$$2.txt.new constraints/$$2.txt; done
 
 clean:
 	rm -rf $(VENV) $(LOWEST_VENV) $(LLAMACPP_VENV) results

@@ -9,6 +9,7 @@ from contextlib import nullcontext
 
 import pytest
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from kvbench.cli import main
 from kvbench.engine import GenerationConfig, generate
@@ -16,6 +17,7 @@ from kvbench.engine.teacher import teacher_forced_logprobs
 from kvbench.errors import NotEngaged
 from kvbench.strategies import build_strategy, eviction
 from kvbench.strategies.eviction import EvictingLayer
+from kvbench.strategies.offloaded import HostOffloadedLayer
 from kvbench.strategies.quantized import QuantizedLayer
 
 PROMPT_TOKENS, NEW_TOKENS = 256, 8
@@ -58,7 +60,7 @@ def _check_mechanisms(lm):
     for layer in cache.layers:
         assert layer.key_codes.dtype == torch.uint8 and layer.body_tokens == layer.expected_body_tokens() > 0
     _, cache = _run(lm, build_strategy("offloaded"), prompt)
-    assert all(layer.keys.device.type == "cpu" for layer in cache.layers)
+    assert all(layer.keys.device.type == "cpu" and layer.round_trips == NEW_TOKENS for layer in cache.layers)
 
 
 def test_every_mechanism_engages_on_the_tiny_model(tiny):
@@ -88,6 +90,12 @@ def test_quantization_that_never_flushes_fails_the_generation(tiny, monkeypatch)
     monkeypatch.setattr(QuantizedLayer, "_flush", lambda self: None)
     with pytest.raises(NotEngaged, match="quantized tokens"):
         _run(tiny, build_strategy("quantized"), _prompt(tiny))
+
+
+def test_offloading_that_never_moves_the_kv_fails_the_generation(tiny, monkeypatch):
+    monkeypatch.setattr(HostOffloadedLayer, "update", DynamicLayer.update)
+    with pytest.raises(NotEngaged, match="never moved"):
+        _run(tiny, build_strategy("offloaded"), _prompt(tiny))
 
 
 def test_teacher_forcing_checks_engagement_too(tiny, monkeypatch):

@@ -118,6 +118,8 @@ def _one_line_warnings() -> None:
     from kvbench.versions import UntestedVersionWarning
 
     default = warnings.showwarning
+    if getattr(default, "one_line_for_kvbench", False):  # already installed (main called again in-process)
+        return
 
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, UntestedVersionWarning):
@@ -125,6 +127,7 @@ def _one_line_warnings() -> None:
         else:
             default(message, category, filename, lineno, file, line)
 
+    show.one_line_for_kvbench = True
     warnings.showwarning = show
 
 
@@ -165,8 +168,8 @@ def cmd_env(args) -> int:
 
     ranges = tested_ranges()
     print(f"python        {platform.python_version()} ({platform.platform()})")
-    print(f"torch         {torch.__version__} ({torch.get_num_threads()} threads; tested {ranges['torch']})")
-    print(f"transformers  {transformers.__version__} (tested {ranges['transformers']})")
+    print(f"torch         {torch.__version__} ({torch.get_num_threads()} threads; tested {ranges.get('torch', 'unknown')})")
+    print(f"transformers  {transformers.__version__} (tested {ranges.get('transformers', 'unknown')})")
     for line in untested():
         print(f"warning       {line}")
     print(f"cuda          {torch.cuda.is_available()}" + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""))

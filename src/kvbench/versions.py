@@ -33,7 +33,11 @@ def installed(package: str) -> str | None:
 def tested_ranges() -> dict[str, str]:
     """Package -> tested specifier (e.g. 'transformers' -> '>=5.23,<=5.24.0') of kvbench's core requirements."""
     ranges = {}
-    for line in metadata.requires("kvbench") or []:
+    try:
+        requirements = metadata.requires("kvbench") or []
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed: nothing to compare
+        return ranges
+    for line in requirements:
         requirement = Requirement(line)
         if requirement.marker is None and str(requirement.specifier):
             ranges[requirement.name] = _readable(str(requirement.specifier))

@@ -30,6 +30,7 @@ from kvbench.device import resolve_device
 from kvbench.engine import GenerationConfig, GenerationResult, generate
 from kvbench.engine.generate import check_prompts
 from kvbench.engine.reuse import prefill_floor_ms
+from kvbench.errors import KvbenchError
 from kvbench.models import LoadedModel, load_model
 from kvbench.reuse import ReuseCache, ReuseConfig
 from kvbench.strategies import build_strategy
@@ -80,6 +81,10 @@ def drop_cut_sequences(path: Path, spec: ReuseSuiteSpec | TrafficSuiteSpec, reco
     it is measured again from its first request and the report never counts it twice."""
     lengths = {p.key: sequence_length(spec, p.workload) for p in spec.points()}
     counts = Counter((r["point"], r["trial"]) for r in records)
+    foreign = sorted({point for point, _ in counts if point not in lengths})
+    if foreign:  # possible when run.json, and with it the spec digest, is gone
+        raise KvbenchError(f"{path} holds records of points this suite does not have ({', '.join(foreign[:3])}); "
+                           "resume with the suite and flags that wrote them, or choose another --out")
     cut = {key for key, n in counts.items() if n < lengths[key[0]]}
     if not cut:
         return records

@@ -63,7 +63,7 @@ def run_suite(spec: SuiteSpec, options: RunOptions, lm: LoadedModel | None = Non
     notes = sorted({n for s in spec.variants() for n in s.build().notes(_device_hint(lm, spec))})
     info = _run_info(spec, notes)
     existing = provenance.start(out, "suite", options.resume, options.repair, spec.digest(), info["environment"])
-    info["models"] = existing.info.get("models", {})  # keep what earlier parts learnt about their models
+    info["models"] = dict(existing.info.get("models", {}))  # keep what earlier parts learnt about their models
     info["parts"] = provenance.parts(existing, info)
     all_points = spec.points()
     for point in all_points:  # before any model loads

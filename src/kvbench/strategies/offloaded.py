@@ -21,9 +21,14 @@ from kvbench.strategies.base import CacheStrategy
 class HostOffloadedLayer(DynamicLayer):
     """A DynamicLayer whose stored keys/values live on the CPU between uses."""
 
+    def __init__(self):
+        super().__init__()
+        self.round_trips = 0  # updates that brought the stored KV in and put it back (the mechanism checked)
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self.round_trips += 1
         keys = torch.cat([self.keys.to(key_states.device), key_states], dim=-2)
         values = torch.cat([self.values.to(value_states.device), value_states], dim=-2)
         self.keys, self.values = keys.to("cpu"), values.to("cpu")
@@ -42,12 +47,18 @@ class Offloaded(CacheStrategy):
         return Cache(layers=[HostOffloadedLayer() for _ in range(lm.config.num_hidden_layers)])
 
     def check_engaged(self, cache) -> None:
-        resident = [i for i, layer in enumerate(cache.layers) if layer.is_initialized and layer.keys.device.type != "cpu"]
-        if len(resident) > 1:  # transformers' offloading leaves at most the prefetched layer on the device
-            raise NotEngaged(
-                f"offloaded: layers {', '.join(map(str, resident))} kept their KV on the compute device; nothing was "
-                "offloaded"
-            )
+        if isinstance(cache, DynamicCache):  # transformers' offloading (CUDA)
+            # it keeps sliding-window layers resident, and the one layer prefetched for the next step
+            offloadable = [i for i, layer in enumerate(cache.layers) if layer.is_initialized and not layer.is_sliding]
+            resident = [i for i in offloadable if cache.layers[i].keys.device.type != "cpu"]
+            if not cache.offloading or len(resident) > 1:
+                raise NotEngaged(f"offloaded: layers {', '.join(map(str, resident))} kept their KV on the compute "
+                                 "device; nothing was offloaded")
+            return
+        idle = [i for i, layer in enumerate(cache.layers) if layer.is_initialized and not layer.round_trips]
+        if idle or any(layer.keys.device.type != "cpu" for layer in cache.layers if layer.is_initialized):
+            raise NotEngaged(f"offloaded: layers {', '.join(map(str, idle)) or 'some'} never moved their KV through "
+                             "the host")
 
     def notes(self, device):
         if device.type == "cuda":

@@ -103,8 +103,15 @@ class SpeculativeFetch(ScoredEviction):
             cache.layers[module.layer_idx].query = queries(module, hidden, rope)
 
     def check_engaged(self, cache) -> None:
+        unobserved = [i for i, layer in enumerate(cache.layers) if layer.is_initialized and not layer.observations]
+        if unobserved:
+            raise NotEngaged(
+                f"speculative_fetch's pre-attention hooks never fired on layer(s) {', '.join(map(str, unobserved))}; "
+                "without a query it cannot choose what to fetch. If transformers changed how attention layers are "
+                "called, use a tested version (kvbench env)"
+            )
         unscored = sum(layer.full_steps_unscored for layer in cache.layers)
-        if unscored or not all(layer.observations for layer in cache.layers if layer.is_initialized):
+        if unscored:
             raise NotEngaged(
                 f"speculative_fetch fetched the whole cache on {unscored} layer-step(s) where its budget "
                 f"{self.budget} called for a partial fetch: its pre-attention hooks gave no query. If transformers "
