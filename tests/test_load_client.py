@@ -52,7 +52,8 @@ def test_every_fault_is_recorded_with_its_reason_and_the_run_goes_on(kind):
                       "a [[fault:stall]]": "timeout", "a [[fault:no_usage]]": "ok", "also fine": "ok"}
     by = dict(zip(prompts, records))
     ok = by["fine"]
-    assert ok["usage_source"] == "server" and ok["output_tokens"] == 5 and ok["prompt_tokens"] == 1
+    assert ok["usage_source"] == ok["output_tokens_by"] == "server" and ok["output_tokens"] == 5
+    assert ok["prompt_tokens"] == 1
     assert ok["cached_tokens"] == 0 and len(ok["itl_ms"]) == 4
     assert 0 < ok["ttft_ms"] <= ok["e2e_ms"]
     assert ok["tpot_ms"] == pytest.approx((ok["e2e_ms"] - ok["ttft_ms"]) / 4)
@@ -63,6 +64,54 @@ def test_every_fault_is_recorded_with_its_reason_and_the_run_goes_on(kind):
     assert "injected failure" in by["a [[fault:http_500]]"]["error"]
     no_usage = by["a [[fault:no_usage]]"]
     assert no_usage["usage_source"] == "client" and no_usage["output_tokens"] == 5 and no_usage["prompt_tokens"] is None
+    assert no_usage["output_tokens_by"] == "chunks"  # no tokenizer given
+
+
+def utf8_pieces(text: str) -> list[bytes]:
+    """A byte-level tokenization: each character's UTF-8 bytes in tokens of at most 2 bytes."""
+    return [c.encode()[i:i + 2] for c in text for i in range(0, len(c.encode()), 2)]
+
+
+class PieceTokenizer:
+    """The tokenizer of `utf8_pieces`; keeps every text it was given."""
+
+    def __init__(self):
+        self.seen = []
+
+    def encode(self, text, add_special_tokens=True):
+        self.seen.append(text)
+        return utf8_pieces(text)
+
+
+class PairTokenizer:
+    """Two words make one token: re-tokenizing a whole stream merges tokens across chunks, as BPE does."""
+
+    def encode(self, text, add_special_tokens=True):
+        return [0] * ((len(text.split()) + 1) // 2)
+
+
+@pytest.mark.parametrize("kind", ["completions", "chat"])
+def test_several_tokens_in_one_chunk_are_all_counted(kind):
+    # 🙂 and 東 are 2 tokens each, held back by the server until the character is whole: 5 tokens in 3 chunks
+    # per round, and every chunk's event is cut inside its character on the wire
+    tokens = tuple(utf8_pieces("🙂東 "))
+    tokenizer = PieceTokenizer()
+    with FakeServer(FakeConfig(tokens=tokens)) as url:
+        counted, = run(url, requests("a [[fault:no_usage]]", max_tokens=10), [0.0], kind, tokenizer=tokenizer)
+        by_chunk, = run(url, requests("a [[fault:no_usage]]", max_tokens=10), [0.0], kind)
+    assert counted["status"] == by_chunk["status"] == "ok"
+    assert "".join(tokenizer.seen[-6:]) == "🙂東 🙂東 "  # whole characters, however the bytes were cut
+    assert (counted["output_tokens"], counted["output_tokens_by"]) == (10, "tokenizer")
+    assert counted["tpot_ms"] == pytest.approx((counted["e2e_ms"] - counted["ttft_ms"]) / 9)
+    assert (by_chunk["output_tokens"], by_chunk["output_tokens_by"]) == (6, "chunks")  # one per chunk: too few
+    assert len(counted["itl_ms"]) == 5  # ITL stays one gap per chunk
+
+
+def test_tokens_that_merge_when_re_tokenized_are_counted_per_chunk():
+    with FakeServer() as url:
+        record, = run(url, requests("a [[fault:no_usage]]", max_tokens=6), [0.0], tokenizer=PairTokenizer())
+    # the whole text " tok tok tok tok tok tok" re-tokenizes to 3
+    assert (record["output_tokens"], record["output_tokens_by"]) == (6, "tokenizer")
 
 
 @pytest.mark.parametrize("kind", ["completions", "chat"])
