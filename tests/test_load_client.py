@@ -16,7 +16,7 @@ from kvbench.cli import build_parser, load_config, main
 from kvbench.clients.fake import FakeConfig, FakeServer
 from kvbench.clients.loadgen import run_load
 from kvbench.clients.report import write_load_report
-from kvbench.clients.run import LoadConfig
+from kvbench.clients.run import LoadConfig, client_cpu
 from kvbench.clients.stream import Endpoint, Trace, http_clients
 from kvbench.clients.workloads import LoadWorkload, Request, load_tokenizer
 
@@ -232,8 +232,24 @@ def test_load_command_writes_records_summary_and_report(tmp_path, capsys):
     assert metrics["available"] and metrics["counters"]["vllm:prefix_cache_queries_total"] == 5
     report = (out / "report.md").read_text()
     assert "| inf | 2 / 3 / 3 |" in report and "http_500" in report and "PARTIAL" not in report
-    assert "requests measured" in capsys.readouterr().out
+    stdout = capsys.readouterr().out
+    assert "requests measured" in stdout
+    for point in (info["points"]["inf"], inf):  # run.json and summary.json
+        assert 0 < point["client_cpu_s"] and 0 < point["client_cpu_share"]
+    assert "- client CPU time (a client on the server's cores takes it from the server): rate inf " in report
     assert main(["report", str(out)]) == 0  # the report command reads a load run too
+
+
+def test_client_cpu_counts_this_process_cpu_time_not_waiting():
+    busy, idle = {}, {}
+    with client_cpu(busy):
+        start = time.process_time()
+        while time.process_time() - start < 0.2:
+            pass
+    with client_cpu(idle):
+        time.sleep(0.2)
+    assert busy["client_cpu_s"] >= 0.2 and busy["client_cpu_share"] > 0.3
+    assert idle["client_cpu_s"] < 0.05 and idle["client_cpu_share"] < 0.25
 
 
 @pytest.mark.parametrize("workload", ["random", "prefix-repetition", "reuse:rag-prefix-100", "jsonl"])
