@@ -234,6 +234,7 @@ def test_load_command_writes_records_summary_and_report(tmp_path, capsys):
     assert "| inf | 2 / 3 / 3 |" in report and "http_500" in report and "PARTIAL" not in report
     stdout = capsys.readouterr().out
     assert "requests measured" in stdout
+    assert "\nfailed: rate inf 1 of 3 (http_500 1); rate 50 1 of 3 (http_500 1)\n" in stdout
     for point in (info["points"]["inf"], inf):  # run.json and summary.json
         assert 0 < point["client_cpu_s"] and 0 < point["client_cpu_share"]
     assert "- client CPU time (a client on the server's cores takes it from the server): rate inf " in report
@@ -250,6 +251,27 @@ def test_client_cpu_counts_this_process_cpu_time_not_waiting():
         time.sleep(0.2)
     assert busy["client_cpu_s"] >= 0.2 and busy["client_cpu_share"] > 0.3
     assert idle["client_cpu_s"] < 0.05 and idle["client_cpu_share"] < 0.25
+
+
+@pytest.mark.parametrize("limit, over", [(None, None), ("1", None), ("0.5", ["rate 1000: 2 of 2 failed"]),
+                                         ("0.4", ["rate inf: 1 of 2 failed", "rate 1000: 2 of 2 failed"])])
+def test_max_error_rate_fails_the_command_but_keeps_records_and_report(limit, over, tmp_path, capsys):
+    # rate inf sends a and b (1 of 2 fail), rate 1000 c and d (2 of 2)
+    path = conversations(tmp_path, ["a", "b [[fault:http_500]]", "c [[fault:stall]]", "d [[fault:http_500]]", "e"])
+    out = tmp_path / "out"
+    with FakeServer(FakeConfig(stall_s=2.0)) as url:
+        argv = ["load", "--url", url, "--workload", str(path), "--request-rates", "inf,1000", "--num-requests", "2",
+                "--timeout", "0.5", "--out", str(out), "--no-progress"]
+        code = main([*argv, *(["--max-error-rate", limit] if limit else [])])
+    captured = capsys.readouterr()
+    assert "\nfailed: rate inf 1 of 2 (http_500 1); rate 1000 2 of 2 (http_500 1, timeout 1)\n" in captured.out
+    assert len(read_records(out / "results.jsonl")) == 4 and (out / "report.md").exists()
+    if over is None:
+        assert code == 0 and captured.err == ""
+    else:
+        assert code == 1
+        assert captured.err == (f"kvbench: error: {'; '.join(over)}: above --max-error-rate {limit}; "
+                                f"the records and report are in {out}\n")
 
 
 @pytest.mark.parametrize("workload", ["random", "prefix-repetition", "reuse:rag-prefix-100", "jsonl"])
@@ -326,6 +348,7 @@ def test_bad_input_gives_one_line_errors(argv, message, tmp_path, capsys):
     (["--request-rate", "2", "--duration", "nan"], "duration must be a finite number > 0 seconds, got nan"),
     (["--duration", "5"], "--duration needs a finite --request-rate"),
     (["--workload", "{tmp}/missing.jsonl"], "cannot read workload file"),
+    (["--max-error-rate", "5"], "--max-error-rate must be a fraction from 0 to 1 (0.05 for 5%), got 5.0"),
 ])
 def test_config_errors_are_reported_before_the_server_is_probed(argv, message, tmp_path, capsys):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]

@@ -52,6 +52,20 @@ def one_line(out: Path) -> str:
     return ("PARTIAL (interrupted) " if summary["partial"] else "") + "; ".join(parts)
 
 
+def failures_line(summary: dict) -> str | None:
+    """`failed: rate inf 17 of 20 (http_500 12, timeout 5)` over the rates with failures; None when none failed."""
+    parts = [f"rate {label} {p['failed']} of {p['requests']} ("
+             + ", ".join(f"{reason} {n}" for reason, n in sorted(p["failures"].items(), key=lambda kv: (-kv[1], kv[0]))) + ")"
+             for label, p in summary["points"].items() if p["failed"]]
+    return "failed: " + "; ".join(parts) if parts else None
+
+
+def over_error_rate(summary: dict, limit: float) -> list[str]:
+    """The rates whose share of failed requests is above `limit`, as `rate inf: 17 of 20 failed`."""
+    return [f"rate {label}: {p['failed']} of {p['requests']} failed" for label, p in summary["points"].items()
+            if p["requests"] and p["failed"] / p["requests"] > limit]
+
+
 def _null_non_finite(value: object) -> object:
     """NaN and inf (a statistic without samples) as None: summary.json is strict JSON."""
     if isinstance(value, dict):

@@ -54,6 +54,7 @@ class LoadConfig:
     ignore_eos: bool = False
     # False: each rate sends its own prompts, so a server's prefix cache is not warm from the rates before
     same_prompts_each_rate: bool = False
+    max_error_rate: float | None = None  # above it at any rate, `kvbench load` exits 1 (the records are kept)
 
     def __post_init__(self):
         if self.endpoint not in ENDPOINTS:
@@ -71,6 +72,8 @@ class LoadConfig:
             raise KvbenchError(f"--max-concurrency must be >= 1, got {self.max_concurrency}")
         if self.timeout_s <= 0:
             raise KvbenchError(f"--timeout must be > 0 seconds, got {self.timeout_s}")
+        if self.max_error_rate is not None and not 0 <= self.max_error_rate <= 1:
+            raise KvbenchError(f"--max-error-rate must be a fraction from 0 to 1 (0.05 for 5%), got {self.max_error_rate}")
 
     def schedule(self, rate: float) -> list[float]:
         arrivals = Arrivals(rate, self.burstiness, self.seed)
