@@ -274,6 +274,25 @@ def test_max_error_rate_fails_the_command_but_keeps_records_and_report(limit, ov
                                 f"the records and report are in {out}\n")
 
 
+def test_a_second_ctrl_c_in_load_does_not_suggest_resume(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "o"
+
+    def measured_one_then_ctrl_c(config, out, progress):
+        out.mkdir()
+        (out / "results.jsonl").write_text(json.dumps({"request_rate": "inf", "status": "ok"}) + "\n")
+        raise KeyboardInterrupt
+
+    def second_ctrl_c(out):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("kvbench.clients.run.run_load_config", measured_one_then_ctrl_c)
+    monkeypatch.setattr("kvbench.clients.report.write_load_report", second_ctrl_c)
+    path = conversations(tmp_path, ["hi"])
+    assert main(["load", "--url", "http://127.0.0.1:9/v1", "--workload", str(path), "--out", str(out)]) == 130
+    assert capsys.readouterr().err == (f"kvbench: interrupted; the requests already measured are kept in {out}; "
+                                       f"`kvbench report {out}` writes their report\n")
+
+
 @pytest.mark.parametrize("workload", ["random", "prefix-repetition", "reuse:rag-prefix-100", "jsonl"])
 def test_each_rate_sends_its_own_prompts_unless_asked_for_the_same(workload, tmp_path):
     if workload == "jsonl":

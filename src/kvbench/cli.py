@@ -131,8 +131,21 @@ def _one_line_warnings() -> None:
     warnings.showwarning = show
 
 
+def _interrupted(args: argparse.Namespace | None) -> str:
+    """What an interrupted command kept and how to go on: only `run` has --resume."""
+    command = getattr(args, "command", None)
+    if command == "run":
+        return "kvbench: interrupted; every record already measured is kept (rerun with --resume)"
+    if command == "load":
+        out = args.out or Path("results") / "load"
+        return f"kvbench: interrupted; the requests already measured are kept in {out}; `kvbench report {out}` " \
+               "writes their report"
+    return "kvbench: interrupted"
+
+
 def main(argv: list[str] | None = None) -> int:
     _one_line_warnings()
+    args = None
     try:
         args = build_parser().parse_args(argv)
         return {"env": cmd_env, "list": cmd_list, "generate": cmd_generate, "run": cmd_run, "report": cmd_report,
@@ -141,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvbench: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("kvbench: interrupted; every record already measured is kept (rerun with --resume)", file=sys.stderr)
+        print(_interrupted(args), file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into `head` and the like
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
