@@ -16,7 +16,7 @@ from kvbench.cli import build_parser, load_config, main
 from kvbench.clients.fake import FakeConfig, FakeServer
 from kvbench.clients.loadgen import run_load
 from kvbench.clients.report import write_load_report
-from kvbench.clients.run import LoadConfig
+from kvbench.clients.run import LoadConfig, client_cpu
 from kvbench.clients.stream import Endpoint, Trace, http_clients
 from kvbench.clients.workloads import LoadWorkload, Request, load_tokenizer
 
@@ -52,7 +52,8 @@ def test_every_fault_is_recorded_with_its_reason_and_the_run_goes_on(kind):
                       "a [[fault:stall]]": "timeout", "a [[fault:no_usage]]": "ok", "also fine": "ok"}
     by = dict(zip(prompts, records))
     ok = by["fine"]
-    assert ok["usage_source"] == "server" and ok["output_tokens"] == 5 and ok["prompt_tokens"] == 1
+    assert ok["usage_source"] == ok["output_tokens_by"] == "server" and ok["output_tokens"] == 5
+    assert ok["prompt_tokens"] == 1
     assert ok["cached_tokens"] == 0 and len(ok["itl_ms"]) == 4
     assert 0 < ok["ttft_ms"] <= ok["e2e_ms"]
     assert ok["tpot_ms"] == pytest.approx((ok["e2e_ms"] - ok["ttft_ms"]) / 4)
@@ -63,6 +64,54 @@ def test_every_fault_is_recorded_with_its_reason_and_the_run_goes_on(kind):
     assert "injected failure" in by["a [[fault:http_500]]"]["error"]
     no_usage = by["a [[fault:no_usage]]"]
     assert no_usage["usage_source"] == "client" and no_usage["output_tokens"] == 5 and no_usage["prompt_tokens"] is None
+    assert no_usage["output_tokens_by"] == "chunks"  # no tokenizer given
+
+
+def utf8_pieces(text: str) -> list[bytes]:
+    """A byte-level tokenization: each character's UTF-8 bytes in tokens of at most 2 bytes."""
+    return [c.encode()[i:i + 2] for c in text for i in range(0, len(c.encode()), 2)]
+
+
+class PieceTokenizer:
+    """The tokenizer of `utf8_pieces`; keeps every text it was given."""
+
+    def __init__(self):
+        self.seen = []
+
+    def encode(self, text, add_special_tokens=True):
+        self.seen.append(text)
+        return utf8_pieces(text)
+
+
+class PairTokenizer:
+    """Two words make one token: re-tokenizing a whole stream merges tokens across chunks, as BPE does."""
+
+    def encode(self, text, add_special_tokens=True):
+        return [0] * ((len(text.split()) + 1) // 2)
+
+
+@pytest.mark.parametrize("kind", ["completions", "chat"])
+def test_several_tokens_in_one_chunk_are_all_counted(kind):
+    # 🙂 and 東 are 2 tokens each, held back by the server until the character is whole: 5 tokens in 3 chunks
+    # per round, and every chunk's event is cut inside its character on the wire
+    tokens = tuple(utf8_pieces("🙂東 "))
+    tokenizer = PieceTokenizer()
+    with FakeServer(FakeConfig(tokens=tokens)) as url:
+        counted, = run(url, requests("a [[fault:no_usage]]", max_tokens=10), [0.0], kind, tokenizer=tokenizer)
+        by_chunk, = run(url, requests("a [[fault:no_usage]]", max_tokens=10), [0.0], kind)
+    assert counted["status"] == by_chunk["status"] == "ok"
+    assert "".join(tokenizer.seen[-6:]) == "🙂東 🙂東 "  # whole characters, however the bytes were cut
+    assert (counted["output_tokens"], counted["output_tokens_by"]) == (10, "tokenizer")
+    assert counted["tpot_ms"] == pytest.approx((counted["e2e_ms"] - counted["ttft_ms"]) / 9)
+    assert (by_chunk["output_tokens"], by_chunk["output_tokens_by"]) == (6, "chunks")  # one per chunk: too few
+    assert len(counted["itl_ms"]) == 5  # ITL stays one gap per chunk
+
+
+def test_tokens_that_merge_when_re_tokenized_are_counted_per_chunk():
+    with FakeServer() as url:
+        record, = run(url, requests("a [[fault:no_usage]]", max_tokens=6), [0.0], tokenizer=PairTokenizer())
+    # the whole text " tok tok tok tok tok tok" re-tokenizes to 3
+    assert (record["output_tokens"], record["output_tokens_by"]) == (6, "tokenizer")
 
 
 @pytest.mark.parametrize("kind", ["completions", "chat"])
@@ -183,8 +232,65 @@ def test_load_command_writes_records_summary_and_report(tmp_path, capsys):
     assert metrics["available"] and metrics["counters"]["vllm:prefix_cache_queries_total"] == 5
     report = (out / "report.md").read_text()
     assert "| inf | 2 / 3 / 3 |" in report and "http_500" in report and "PARTIAL" not in report
-    assert "requests measured" in capsys.readouterr().out
+    stdout = capsys.readouterr().out
+    assert "requests measured" in stdout
+    assert "\nfailed: rate inf 1 of 3 (http_500 1); rate 50 1 of 3 (http_500 1)\n" in stdout
+    for point in (info["points"]["inf"], inf):  # run.json and summary.json
+        assert 0 < point["client_cpu_s"] and 0 < point["client_cpu_share"]
+    assert "- client CPU time (a client on the server's cores takes it from the server): rate inf " in report
     assert main(["report", str(out)]) == 0  # the report command reads a load run too
+
+
+def test_client_cpu_counts_this_process_cpu_time_not_waiting():
+    busy, idle = {}, {}
+    with client_cpu(busy):
+        start = time.process_time()
+        while time.process_time() - start < 0.2:
+            pass
+    with client_cpu(idle):
+        time.sleep(0.2)
+    assert busy["client_cpu_s"] >= 0.2 and busy["client_cpu_share"] > 0.3
+    assert idle["client_cpu_s"] < 0.05 and idle["client_cpu_share"] < 0.25
+
+
+@pytest.mark.parametrize("limit, over", [(None, None), ("1", None), ("0.5", ["rate 1000: 2 of 2 failed"]),
+                                         ("0.4", ["rate inf: 1 of 2 failed", "rate 1000: 2 of 2 failed"])])
+def test_max_error_rate_fails_the_command_but_keeps_records_and_report(limit, over, tmp_path, capsys):
+    # rate inf sends a and b (1 of 2 fail), rate 1000 c and d (2 of 2)
+    path = conversations(tmp_path, ["a", "b [[fault:http_500]]", "c [[fault:stall]]", "d [[fault:http_500]]", "e"])
+    out = tmp_path / "out"
+    with FakeServer(FakeConfig(stall_s=2.0)) as url:
+        argv = ["load", "--url", url, "--workload", str(path), "--request-rates", "inf,1000", "--num-requests", "2",
+                "--timeout", "0.5", "--out", str(out), "--no-progress"]
+        code = main([*argv, *(["--max-error-rate", limit] if limit else [])])
+    captured = capsys.readouterr()
+    assert "\nfailed: rate inf 1 of 2 (http_500 1); rate 1000 2 of 2 (http_500 1, timeout 1)\n" in captured.out
+    assert len(read_records(out / "results.jsonl")) == 4 and (out / "report.md").exists()
+    if over is None:
+        assert code == 0 and captured.err == ""
+    else:
+        assert code == 1
+        assert captured.err == (f"kvbench: error: {'; '.join(over)}: above --max-error-rate {limit}; "
+                                f"the records and report are in {out}\n")
+
+
+def test_a_second_ctrl_c_in_load_does_not_suggest_resume(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "o"
+
+    def measured_one_then_ctrl_c(config, out, progress):
+        out.mkdir()
+        (out / "results.jsonl").write_text(json.dumps({"request_rate": "inf", "status": "ok"}) + "\n")
+        raise KeyboardInterrupt
+
+    def second_ctrl_c(out):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("kvbench.clients.run.run_load_config", measured_one_then_ctrl_c)
+    monkeypatch.setattr("kvbench.clients.report.write_load_report", second_ctrl_c)
+    path = conversations(tmp_path, ["hi"])
+    assert main(["load", "--url", "http://127.0.0.1:9/v1", "--workload", str(path), "--out", str(out)]) == 130
+    assert capsys.readouterr().err == (f"kvbench: interrupted; the requests already measured are kept in {out}; "
+                                       f"`kvbench report {out}` writes their report\n")
 
 
 @pytest.mark.parametrize("workload", ["random", "prefix-repetition", "reuse:rag-prefix-100", "jsonl"])
@@ -261,6 +367,7 @@ def test_bad_input_gives_one_line_errors(argv, message, tmp_path, capsys):
     (["--request-rate", "2", "--duration", "nan"], "duration must be a finite number > 0 seconds, got nan"),
     (["--duration", "5"], "--duration needs a finite --request-rate"),
     (["--workload", "{tmp}/missing.jsonl"], "cannot read workload file"),
+    (["--max-error-rate", "5"], "--max-error-rate must be a fraction from 0 to 1 (0.05 for 5%), got 5.0"),
 ])
 def test_config_errors_are_reported_before_the_server_is_probed(argv, message, tmp_path, capsys):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]

@@ -3,6 +3,7 @@
 Needs .venv-llamacpp (`make setup-server`; `make test` builds it). Skip locally with -m "not server".
 """
 
+import asyncio
 import json
 import socket
 import subprocess
@@ -13,9 +14,11 @@ import httpx
 import pytest
 
 from kvbench.bench.records import read_records
+from kvbench.clients.loadgen import run_load
 from kvbench.clients.report import summarize_run
 from kvbench.clients.run import LoadConfig, run_load_config
-from kvbench.clients.workloads import LoadWorkload
+from kvbench.clients.stream import Endpoint
+from kvbench.clients.workloads import LoadWorkload, Request, load_tokenizer
 from kvbench.models import embedded_gguf
 
 pytestmark = pytest.mark.server
@@ -86,6 +89,27 @@ def test_random_load_succeeds_and_counts_match_the_server(llama_server, tmp_path
         assert (r["prompt_tokens"], r["output_tokens"]) == (usage["prompt_tokens"], usage["completion_tokens"])
     info = json.loads((out / "run.json").read_text())
     assert info["points"]["4"]["server_metrics"] == {"available": False}  # llama-cpp-python has no /metrics
+
+
+# prompts the embedded model continues in kind: greedy, it answers 11 stars (33 tokens, 11 chunks) and CJK text
+# (32 tokens, 18 chunks)
+MULTI_BYTE = {"emoji": "⭐⭐⭐⭐⭐⭐⭐⭐⭐⭐⭐⭐", "cjk": "東京、大阪、京都、名古屋、札幌、福岡、神戸、横浜、"}
+
+
+@pytest.mark.parametrize("kind", MULTI_BYTE)
+def test_multi_byte_output_counts_equal_the_servers(llama_server, kind):
+    """llama-cpp-python sends the tokens of one emoji or CJK character in one chunk and streams no usage:
+    kvbench's client count must still equal the server's count of the same greedy request."""
+    records = []
+    request = Request(0, ({"role": "user", "content": MULTI_BYTE[kind]},), max_tokens=32)
+    asyncio.run(run_load(Endpoint(llama_server, MODEL, timeout_s=120), [request], [0.0], records.append,
+                         tokenizer=load_tokenizer("smollm2-135m")))
+    record, = records
+    server = usage_of(llama_server, request.prompt, 32)["completion_tokens"]
+    assert record["status"] == "ok" and record["output_tokens_by"] == "tokenizer"
+    chunks = len(record["itl_ms"]) + 1
+    assert chunks < server  # several tokens per chunk: one per chunk would undercount
+    assert record["output_tokens"] == server
 
 
 def _requests(config: LoadConfig):

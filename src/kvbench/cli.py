@@ -106,6 +106,9 @@ def _load_parser(sub) -> None:
     ld.add_argument("--ignore-eos", action="store_true", help="ask for exactly --output-tokens (vLLM, SGLang)")
     ld.add_argument("--slo", help="goodput limits in ms, e.g. ttft_ms=200,tpot_ms=50 (keys: ttft_ms, tpot_ms, e2e_ms)")
     ld.add_argument("--timeout", type=float, default=cfg.timeout_s, help="seconds without data before a request fails")
+    ld.add_argument("--max-error-rate", type=float, default=cfg.max_error_rate,
+                    help="exit 1 when the share of failed requests at any rate is above this (e.g. 0.05); the "
+                         "records and report are written either way")
     ld.add_argument("--seed", type=int, default=cfg.seed)
     ld.add_argument("--out", type=Path, help="output dir (default results/load)")
     ld.add_argument("--no-progress", action="store_true")
@@ -131,8 +134,21 @@ def _one_line_warnings() -> None:
     warnings.showwarning = show
 
 
+def _interrupted(args: argparse.Namespace | None) -> str:
+    """What an interrupted command kept and how to go on: only `run` has --resume."""
+    command = getattr(args, "command", None)
+    if command == "run":
+        return "kvbench: interrupted; every record already measured is kept (rerun with --resume)"
+    if command == "load":
+        out = args.out or Path("results") / "load"
+        return f"kvbench: interrupted; the requests already measured are kept in {out}; `kvbench report {out}` " \
+               "writes their report"
+    return "kvbench: interrupted"
+
+
 def main(argv: list[str] | None = None) -> int:
     _one_line_warnings()
+    args = None
     try:
         args = build_parser().parse_args(argv)
         return {"env": cmd_env, "list": cmd_list, "generate": cmd_generate, "run": cmd_run, "report": cmd_report,
@@ -141,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvbench: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("kvbench: interrupted; every record already measured is kept (rerun with --resume)", file=sys.stderr)
+        print(_interrupted(args), file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into `head` and the like
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -337,12 +353,13 @@ def load_config(args) -> LoadConfig:
         max_concurrency=args.max_concurrency, num_requests=args.num_requests, duration_s=args.duration,
         slo=parse_slo(args.slo) if args.slo else None, seed=args.seed, timeout_s=args.timeout,
         tokenizer=args.tokenizer, ignore_eos=args.ignore_eos, same_prompts_each_rate=args.same_prompts_each_rate,
+        max_error_rate=args.max_error_rate,
     )
 
 
 def cmd_load(args) -> int:
     from kvbench.bench.records import RESULTS, read_records
-    from kvbench.clients.report import one_line, write_load_report
+    from kvbench.clients.report import failures_line, one_line, over_error_rate, summarize_run, write_load_report
     from kvbench.clients.run import run_load_config
 
     config = load_config(args)
@@ -361,7 +378,14 @@ def cmd_load(args) -> int:
         return 130
     report = write_load_report(out)
     print(f"{outcome.records} requests measured; {one_line(out)}")
+    summary = summarize_run(out)
+    if failures := failures_line(summary):
+        print(failures)
     print(f"report: {report}")
+    if config.max_error_rate is not None and (over := over_error_rate(summary, config.max_error_rate)):
+        print(f"kvbench: error: {'; '.join(over)}: above --max-error-rate {config.max_error_rate:g}; "
+              f"the records and report are in {out}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,8 +1,11 @@
 """A tiny OpenAI-compatible streaming server for tests and the client benchmark (no model inside).
 
 It answers GET /v1/models and /metrics, and POST /v1/completions and /v1/chat/completions with
-`max_tokens` chunks of " tok" as server-sent events (HTTP/1.1 chunked, keep-alive), then a usage
-chunk when `stream_options.include_usage` asks for one. Token counts are words. A marker
+`max_tokens` tokens, `FakeConfig.tokens` in turn (default " tok"), as server-sent events (HTTP/1.1
+chunked, keep-alive), then a usage chunk when `stream_options.include_usage` asks for one. Tokens are
+bytes; as llama-cpp-python does, a token that ends inside a UTF-8 character is held back and sent
+with the tokens that complete it, in one chunk, and an event with a multi-byte character is written
+as two HTTP chunks split inside that character. Prompt token counts are words. A marker
 `[[fault:NAME]]` in a prompt injects a fault into that request:
 
 - `slow_first`: the first text chunk comes `slow_first_s` late (the role chunk of chat comes at once);
@@ -22,12 +25,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import json
 import re
 import threading
 from dataclasses import dataclass
 
 FAULT = re.compile(r"\[\[fault:(\w+)\]\]")
+LEAD_BYTE = re.compile(rb"[\xc0-\xff]")  # the first byte of a multi-byte UTF-8 character
 BAD_LINES = {  # fault -> the data line sent in place of the second token
     "malformed": b"data: {not json\n\n",
     "bad_choices": b'data: {"choices": "oops"}\n\n',
@@ -49,6 +54,7 @@ class FakeConfig:
     slow_first_s: float = 0.3
     stall_s: float = 3.0
     streaming: bool = True
+    tokens: tuple[bytes, ...] = (b" tok",)  # generated in turn; a multi-byte character may span tokens
 
 
 class FakeServer:
@@ -158,8 +164,9 @@ class FakeServer:
         usage = {"prompt_tokens": len(words), "completion_tokens": n, "total_tokens": len(words) + n,
                  "prompt_tokens_details": {"cached_tokens": cached}}
         kind = "chat.completion.chunk" if chat else "text_completion"
+        tokens = [self.config.tokens[i % len(self.config.tokens)] for i in range(n)]
         if not self.config.streaming or not body.get("stream"):
-            text = " tok" * n
+            text = b"".join(tokens).decode("utf-8", "ignore")
             choice = {"index": 0, "finish_reason": "length",
                       **({"message": {"role": "assistant", "content": text}} if chat else {"text": text})}
             return await _json(writer, 200, {"object": kind.removesuffix(".chunk"), "choices": [choice], "usage": usage})
@@ -176,6 +183,7 @@ class FakeServer:
         if chat:
             writer.write(_chunk(event(None, role=True)))
         await writer.drain()
+        held = codecs.getincrementaldecoder("utf-8")()  # holds back a partial character
         for i in range(n):
             delay = self.config.slow_first_s if (i == 0 and fault == "slow_first") else self.config.token_delay_s
             if fault == "stall" and i == 1:
@@ -189,7 +197,10 @@ class FakeServer:
                 writer.write(_chunk(_sse(ERRORS[fault][1])) + _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
                 await writer.drain()
                 return True
-            writer.write(_chunk(BAD_LINES[fault] if fault in BAD_LINES and i == 1 else event(" tok")))
+            if fault in BAD_LINES and i == 1:
+                writer.write(_chunk(BAD_LINES[fault]))
+            elif piece := held.decode(tokens[i]):
+                await _write_split(writer, event(piece))
             await writer.drain()
         writer.write(_chunk(event(None, finish="length")))
         if (body.get("stream_options") or {}).get("include_usage") and fault != "no_usage":
@@ -209,7 +220,18 @@ def _common_prefix(a: list[str], b: list[str]) -> int:
 
 
 def _sse(obj: dict) -> bytes:
-    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+
+async def _write_split(writer: asyncio.StreamWriter, data: bytes) -> None:
+    """Write `data` as two HTTP chunks split after the lead byte of its first multi-byte character (if any),
+    so a client sees a character cut between reads."""
+    lead = LEAD_BYTE.search(data)
+    cut = lead.end() if lead else len(data)
+    writer.write(_chunk(data[:cut]))
+    if cut < len(data):
+        await writer.drain()
+        writer.write(_chunk(data[cut:]))
 
 
 def _chunk(data: bytes) -> bytes:

@@ -28,7 +28,9 @@ def summarize_run(out: Path) -> dict:
         point = aggregate(rs, slo)
         if any(r.get("shared_prefix") for r in rs):  # a prefix-cache effect only where a request shares a prefix
             point.update(prefix_effect(rs))
-        point["planned"] = (info.get("points", {}).get(label) or {}).get("planned", len(rs))
+        run_point = info.get("points", {}).get(label) or {}
+        point["planned"] = run_point.get("planned", len(rs))
+        point["client_cpu_s"], point["client_cpu_share"] = run_point.get("client_cpu_s"), run_point.get("client_cpu_share")
         points[label] = point
     return {"partial": info.get("partial", False), "slo": slo,
             "same_prompts_each_rate": (info.get("config") or {}).get("same_prompts_each_rate"), "points": points}
@@ -50,6 +52,20 @@ def one_line(out: Path) -> str:
     return ("PARTIAL (interrupted) " if summary["partial"] else "") + "; ".join(parts)
 
 
+def failures_line(summary: dict) -> str | None:
+    """`failed: rate inf 17 of 20 (http_500 12, timeout 5)` over the rates with failures; None when none failed."""
+    parts = [f"rate {label} {p['failed']} of {p['requests']} ("
+             + ", ".join(f"{reason} {n}" for reason, n in sorted(p["failures"].items(), key=lambda kv: (-kv[1], kv[0]))) + ")"
+             for label, p in summary["points"].items() if p["failed"]]
+    return "failed: " + "; ".join(parts) if parts else None
+
+
+def over_error_rate(summary: dict, limit: float) -> list[str]:
+    """The rates whose share of failed requests is above `limit`, as `rate inf: 17 of 20 failed`."""
+    return [f"rate {label}: {p['failed']} of {p['requests']} failed" for label, p in summary["points"].items()
+            if p["requests"] and p["failed"] / p["requests"] > limit]
+
+
 def _null_non_finite(value: object) -> object:
     """NaN and inf (a statistic without samples) as None: summary.json is strict JSON."""
     if isinstance(value, dict):
@@ -65,6 +81,10 @@ def _info(out: Path) -> dict:
 
 def _f(x, digits: int = 1) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _percent(share: float | None) -> float | None:
+    return None if share is None else 100.0 * share
 
 
 def _prompts_note(same: bool | None) -> str:
@@ -88,6 +108,9 @@ def render(info: dict, summary: dict) -> str:
         f"- SLO for goodput: {summary['slo'] or 'none given'}",
         f"- client: python {env.get('python')}, kvbench {env.get('kvbench')}, {env.get('cpu')} "
         f"({env.get('cpu_count')} CPUs), commit `{env.get('git_commit')}`",
+        "- client CPU time (a client on the server's cores takes it from the server): "
+        + "; ".join(f"rate {label} {_f(p['client_cpu_s'], 2)} s, {_f(_percent(p['client_cpu_share']), 1)}% of one core"
+                    for label, p in summary["points"].items()),
         "",
         "## Latency and throughput per request rate",
         "",

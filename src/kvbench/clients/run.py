@@ -8,6 +8,7 @@ reads only those files.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import json
@@ -53,6 +54,7 @@ class LoadConfig:
     ignore_eos: bool = False
     # False: each rate sends its own prompts, so a server's prefix cache is not warm from the rates before
     same_prompts_each_rate: bool = False
+    max_error_rate: float | None = None  # above it at any rate, `kvbench load` exits 1 (the records are kept)
 
     def __post_init__(self):
         if self.endpoint not in ENDPOINTS:
@@ -70,6 +72,8 @@ class LoadConfig:
             raise KvbenchError(f"--max-concurrency must be >= 1, got {self.max_concurrency}")
         if self.timeout_s <= 0:
             raise KvbenchError(f"--timeout must be > 0 seconds, got {self.timeout_s}")
+        if self.max_error_rate is not None and not 0 <= self.max_error_rate <= 1:
+            raise KvbenchError(f"--max-error-rate must be a fraction from 0 to 1 (0.05 for 5%), got {self.max_error_rate}")
 
     def schedule(self, rate: float) -> list[float]:
         arrivals = Arrivals(rate, self.burstiness, self.seed)
@@ -135,15 +139,30 @@ def run_load_config(config: LoadConfig, out: Path, progress: bool = True) -> Loa
 
         try:
             for label, schedule in schedules.items():
-                info["points"][label] = {"planned": len(schedule), "prompt_seed": prompt_seed(config, label)}
-                metrics = asyncio.run(_one_rate(config, endpoint, requests[label], schedule, on_record(label), tokenizer))
-                info["points"][label]["server_metrics"] = metrics
+                point = info["points"][label] = {"planned": len(schedule), "prompt_seed": prompt_seed(config, label)}
+                with client_cpu(point):
+                    metrics = asyncio.run(_one_rate(config, endpoint, requests[label], schedule, on_record(label),
+                                                    tokenizer))
+                point["server_metrics"] = metrics
             info["partial"] = False
         finally:
             bar.close()
             info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             atomic_write_text(out / RUN_INFO, json.dumps(info, indent=2))
     return LoadOutcome(records=written, planned=planned, partial=info["partial"])
+
+
+@contextlib.contextmanager
+def client_cpu(point: dict):
+    """Record in `point` the CPU time of this process (every thread: event loop, HTTP, tokenizer) over the block,
+    and the share of one core it used: a client on the server's machine takes that much CPU from the server."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    try:
+        yield
+    finally:
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        point["client_cpu_s"] = cpu
+        point["client_cpu_share"] = cpu / wall if wall > 0 else None
 
 
 def prompt_seed(config: LoadConfig, label: str) -> int | None:

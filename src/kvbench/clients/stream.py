@@ -8,9 +8,8 @@ Definitions (as in vLLM's serving benchmark, measured on the client):
 Token counts come from the server's `usage` (asked for with `stream_options.include_usage`,
 `usage_source` "server"). A server that reports none (llama-cpp-python) gets client counts
 (`usage_source` "client"): the prompt through the local tokenizer when one is given (a chat request
-through its chat template), and one output token per text-bearing chunk, which is exact for servers
-that stream token by token (re-tokenizing the generated text is not: merges across token boundaries
-change the count).
+through its chat template), and the output by `count_output_tokens`; `output_tokens_by` says which
+method produced the output count.
 """
 
 from __future__ import annotations
@@ -61,6 +60,7 @@ class Trace:
     t0: float  # perf_counter() at the start of the run
     sent: float | None = None  # perf_counter() values from here on
     chunks: list[float] = field(default_factory=list)  # arrival of each text-bearing chunk
+    pieces: list[str] = field(default_factory=list)  # the text of each of those chunks
     end: float | None = None
     usage: dict | None = None
     status: str = "pending"
@@ -75,7 +75,7 @@ class Trace:
         """The results.jsonl record; times relative to the run start, durations in ms."""
         ms = lambda a, b: (b - a) * 1000.0 if a is not None and b is not None else None  # noqa: E731
         first = self.chunks[0] if self.chunks else None
-        prompt_tokens, output_tokens, cached, source = self._token_counts(tokenizer, chat)
+        prompt_tokens, output_tokens, cached, source, counted_by = self._token_counts(tokenizer, chat)
         ttft, e2e = ms(self.sent, first), ms(self.sent, self.end)
         tpot = (e2e - ttft) / (output_tokens - 1) if ttft is not None and e2e is not None and output_tokens > 1 else None
         req = self.request
@@ -87,17 +87,32 @@ class Trace:
             "ttft_ms": ttft, "itl_ms": [ms(a, b) for a, b in zip(self.chunks, self.chunks[1:])],
             "tpot_ms": tpot, "e2e_ms": e2e,
             "prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "cached_tokens": cached,
-            "usage_source": source, "status": self.status, "error": self.error,
+            "usage_source": source, "output_tokens_by": counted_by, "status": self.status, "error": self.error,
             "prefix_id": req.prefix_id, "shared_prefix": req.shared_prefix, "turn": req.turn,
         }
 
-    def _token_counts(self, tokenizer: Tokenizer | None, chat: bool) -> tuple[int | None, int, int | None, str]:
+    def _token_counts(self, tokenizer: Tokenizer | None, chat: bool) -> tuple[int | None, int, int | None, str, str]:
         if self.usage:
             details = self.usage.get("prompt_tokens_details") or {}
             return (self.usage.get("prompt_tokens"), int(self.usage.get("completion_tokens") or 0),
-                    details.get("cached_tokens"), "server")
+                    details.get("cached_tokens"), "server", "server")
         prompt = _prompt_tokens(self.request, tokenizer, chat) if tokenizer else None
-        return prompt, len(self.chunks), None, "client"
+        output, counted_by = count_output_tokens(self.pieces, tokenizer)
+        return prompt, output, None, "client", counted_by
+
+
+def count_output_tokens(pieces: list[str], tokenizer: Tokenizer | None) -> tuple[int, str]:
+    """Output tokens of a stream without server usage, from the text of its chunks, and how they were counted.
+
+    One token per chunk undercounts multi-byte text: llama-cpp-python holds back the tokens of a partial
+    UTF-8 character and sends them in one chunk (an emoji: 3 tokens, 1 chunk). Re-tokenizing the whole
+    text undercounts too: tokens merge across chunk boundaries (AIPerf counts 31.38 for 32). So with a
+    tokenizer each chunk is re-tokenized on its own and counts the larger of 1 and its token count
+    ("tokenizer"); without one, each chunk counts 1 ("chunks").
+    """
+    if tokenizer is None:
+        return len(pieces), "chunks"
+    return sum(max(1, len(tokenizer.encode(piece, add_special_tokens=False))) for piece in pieces), "tokenizer"
 
 
 def _prompt_tokens(request: Request, tokenizer: Tokenizer, chat: bool) -> int:
@@ -172,6 +187,7 @@ async def _read_events(response: httpx.Response, trace: Trace) -> bool:
             piece = _text_of(choice)
             if piece:
                 trace.chunks.append(now)
+                trace.pieces.append(piece)
             finished = finished or bool(choice.get("finish_reason"))
     return finished
 
