@@ -165,3 +165,14 @@ def test_a_reuse_suite_with_documents_over_the_context_window_measures_nothing(d
     err = one_line_error(["run", write_suite(tmp_path, suite), "--out", str(out), "--no-progress"], capsys)
     assert "new tokens exceeds the context window of smollm2-135m (8192 tokens)" in err
     assert not (out / "results.jsonl").exists()
+
+
+def test_a_conversations_file_that_is_not_utf8_is_refused_by_its_line(tmp_path):
+    from kvbench.clients.workloads import read_conversations
+    from kvbench.errors import KvbenchError
+
+    path = tmp_path / "chats.jsonl"
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
+    path.write_bytes(good + b"\n" + b'{"messages": [{"role": "user", "content": "\xff"}]}\n')
+    with pytest.raises(KvbenchError, match="chats.jsonl line 2: not a conversation"):
+        read_conversations(path)

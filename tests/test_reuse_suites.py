@@ -194,7 +194,7 @@ def test_a_reuse_sequence_cut_mid_way_is_measured_again_from_its_first_request(t
     capsys.readouterr()
     outcome = _reuse_run(tmp_path, embedded, resume=True, repair=True)
     out = capsys.readouterr().out
-    assert "dropped 1 corrupt line(s)" in out and "dropped 1 record(s) of 1 sequence(s) cut mid-way" in out
+    assert "dropped 1 corrupt or repeated line(s)" in out and "dropped 1 record(s) of 1 sequence(s) cut mid-way" in out
     assert (outcome.measured, outcome.skipped) == (1, 1)
     records = [json.loads(line) for line in results.read_text().splitlines()]
     assert sorted((r["point"], r["request_index"]) for r in records) == \
