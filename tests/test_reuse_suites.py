@@ -181,6 +181,36 @@ def test_records_of_a_sequence_cut_mid_way_are_dropped_from_the_results(tmp_path
     assert "dropped 3 record(s) of 2 sequence(s) cut mid-way" in capsys.readouterr().out
 
 
+def test_a_sequence_is_done_only_when_every_request_is_recorded(tmp_path, capsys):
+    spec = spec_from_dict({"name": "r", "kind": "reuse", "workloads": ["rag-prefix-64"], "modes": ["none", "prefix"],
+                           "requests": 3})
+    records = [{"point": p, "trial": 0, "request_index": i}
+               for p, indices in (("rag-prefix-64/none/-", (0, 1, 2)), ("rag-prefix-64/prefix/ram", (0, 2, 2)))
+               for i in indices]  # three records, but request 1 missing: not done
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    kept = drop_cut_sequences(path, spec, records)
+    assert {r["point"] for r in kept} == {"rag-prefix-64/none/-"} and len(kept) == 3
+    assert "dropped 3 record(s) of 1 sequence(s) cut mid-way" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_sequence_whose_line_was_deleted_by_hand_is_measured_again_and_counted_once(tmp_path, capsys, embedded):
+    """The error on a cut line says to delete it; after that, --resume must not take the sequence as done."""
+    _reuse_run(tmp_path, embedded)
+    results = tmp_path / "out" / "results.jsonl"
+    lines = results.read_text().splitlines()
+    assert [json.loads(line)["request_index"] for line in lines[3:]] == [0, 1, 2]  # the prefix sequence
+    results.write_text("\n".join(lines[:4] + lines[5:]) + "\n")  # its middle request deleted by hand
+    outcome = _reuse_run(tmp_path, embedded, resume=True)
+    assert (outcome.measured, outcome.skipped) == (1, 1)
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    assert Counter((r["point"], r["request_index"]) for r in records) == \
+        Counter((p, i) for p in ("rag-prefix-64/none/-", "rag-prefix-64/prefix/ram") for i in range(3))
+    again = [r for r in records if r["point"].endswith("prefix/ram")]
+    assert [r["request_index"] for r in again] == [0, 1, 2] and again[0]["cached_tokens"] == 0
+
+
 @pytest.mark.slow
 def test_a_reuse_sequence_cut_mid_way_is_measured_again_from_its_first_request(tmp_path, capsys, embedded):
     _reuse_run(tmp_path, embedded)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from collections import Counter
+from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
 
@@ -76,11 +76,14 @@ def sequence_length(spec: ReuseSuiteSpec | TrafficSuiteSpec, workload: str) -> i
 
 
 def drop_cut_sequences(path: Path, spec: ReuseSuiteSpec | TrafficSuiteSpec, records: list[dict]) -> list[dict]:
-    """The records of complete sequences; those of a sequence cut mid-way are dropped from `path`, so that
-    it is measured again from its first request and the report never counts it twice."""
+    """The records of complete sequences (every request recorded); those of a sequence cut mid-way, or
+    with a line deleted by hand, are dropped from `path`, so that it is measured again from its first
+    request and the report never counts it twice."""
     lengths = {p.key: sequence_length(spec, p.workload) for p in spec.points()}
-    counts = Counter((r["point"], r["trial"]) for r in records)
-    cut = {key for key, n in counts.items() if n < lengths[key[0]]}
+    requests = defaultdict(set)
+    for r in records:
+        requests[(r["point"], r["trial"])].add(r["request_index"])
+    cut = {key for key, indices in requests.items() if indices != set(range(lengths[key[0]]))}
     if not cut:
         return records
     dropped = repair(path, keep=lambda r: (r["point"], r["trial"]) not in cut)
