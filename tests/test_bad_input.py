@@ -176,3 +176,21 @@ def test_a_conversations_file_that_is_not_utf8_is_refused_by_its_line(tmp_path):
     path.write_bytes(good + b"\n" + b'{"messages": [{"role": "user", "content": "\xff"}]}\n')
     with pytest.raises(KvbenchError, match="chats.jsonl line 2: not a conversation"):
         read_conversations(path)
+
+
+@pytest.mark.parametrize("suite", ["tiny", "reuse"])
+def test_a_second_run_on_one_out_is_refused_while_the_first_holds_it(suite, tiny_suite, tmp_path, capsys):
+    import os
+
+    from kvbench.bench.outlock import locked
+
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["run", str(tiny_suite) if suite == "tiny" else "reuse", "--quick", "--resume", "--out", str(out),
+            "--no-progress"]
+    with locked(out):  # what a first run holds while it measures
+        err = one_line_error(argv, capsys)
+    assert f"another kvbench run (pid {os.getpid()}) is writing to {out}; wait for it to end" in err
+    assert not (out / "results.jsonl").exists()
+    if suite == "tiny":
+        assert main(argv) == 0  # released when the first run ends

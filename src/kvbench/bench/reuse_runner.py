@@ -22,6 +22,7 @@ from tqdm import tqdm
 from kvbench.bench import provenance
 from kvbench.bench.environment import describe
 from kvbench.bench.metrics import request_timing
+from kvbench.bench.outlock import locked
 from kvbench.bench.records import RESULTS, RUN_INFO, ResultsWriter, atomic_write_text, repair
 from kvbench.bench.reuse_spec import STREAMS, ReusePoint, ReuseSuiteSpec, TrafficSuiteSpec, parse_mode
 from kvbench.bench.reuse_workloads import ReuseRequest, Texts, build, document_pool
@@ -37,6 +38,12 @@ from kvbench.strategies import build_strategy
 
 def run_reuse_suite(spec: ReuseSuiteSpec | TrafficSuiteSpec, options: RunOptions, lm: LoadedModel | None = None) -> RunOutcome:
     out = prepare_out_dir(options.out)
+    with locked(out):
+        return _run_reuse_suite(spec, options, lm, out)
+
+
+def _run_reuse_suite(spec: ReuseSuiteSpec | TrafficSuiteSpec, options: RunOptions, lm: LoadedModel | None,
+                     out: Path) -> RunOutcome:
     results_path = out / RESULTS
     environment = describe(resolve_device(spec.device))
     existing = provenance.start(out, spec.kind, options.resume, options.repair, spec.digest(), environment)

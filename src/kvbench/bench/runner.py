@@ -19,6 +19,7 @@ from kvbench.bench import preflight, provenance
 from kvbench.bench.assess import Assessor
 from kvbench.bench.environment import describe
 from kvbench.bench.metrics import request_timing
+from kvbench.bench.outlock import locked
 from kvbench.bench.records import RESULTS, RUN_INFO, ResultsWriter, atomic_write_text
 from kvbench.bench.spec import Point, SuiteSpec, to_dict
 from kvbench.bench.workloads import Prompt, build_prompts
@@ -59,6 +60,11 @@ def prepare_out_dir(out: Path) -> Path:
 def run_suite(spec: SuiteSpec, options: RunOptions, lm: LoadedModel | None = None) -> RunOutcome:
     """Measure every point not yet in OUT/results.jsonl. `lm`, when given, serves its own model spec."""
     out = prepare_out_dir(options.out)
+    with locked(out):
+        return _run_suite(spec, options, lm, out)
+
+
+def _run_suite(spec: SuiteSpec, options: RunOptions, lm: LoadedModel | None, out: Path) -> RunOutcome:
     results_path = out / RESULTS
     notes = sorted({n for s in spec.variants() for n in s.build().notes(_device_hint(lm, spec))})
     info = _run_info(spec, notes)
