@@ -194,3 +194,11 @@ def test_a_second_run_on_one_out_is_refused_while_the_first_holds_it(suite, tiny
     assert not (out / "results.jsonl").exists()
     if suite == "tiny":
         assert main(argv) == 0  # released when the first run ends
+
+
+def test_a_prompt_over_the_context_window_is_refused_for_that_not_for_memory(tmp_path, capsys):
+    suite = {"name": "x", "model": "synthetic:tiny", "device": "cpu", "workload": {"kind": "synthetic"},
+             "prompt_tokens": [100000], "output_tokens": [8], "trials": 1, "warmup": 0}
+    argv = ["run", write_suite(tmp_path, suite), "--out", str(tmp_path / "out"), "--memory-limit", "1MB", "--no-progress"]
+    assert ("point dynamic/p100000/o8/b1: a prompt of 100000 tokens + 8 new tokens exceeds the context window of "
+            "synthetic:tiny (4096 tokens)") in one_line_error(argv, capsys)
