@@ -6,7 +6,8 @@ from collections import Counter
 import pytest
 
 from kvbench.bench.reuse_report import break_even, mode_rows
-from kvbench.bench.reuse_runner import drop_cut_sequences, ram_budget, run_reuse_suite, stream_order
+from kvbench.bench.reuse_runner import (disk_tier_dir, drop_cut_sequences, ram_budget, run_reuse_suite, stream_order,
+                                        sweep_dead_disk_tiers)
 from kvbench.bench.reuse_spec import ReuseSuiteSpec, TrafficSuiteSpec, parse_mode, spec_from_dict
 from kvbench.bench.runner import RunOptions
 from kvbench.bench.spec import load_suite
@@ -209,6 +210,23 @@ def test_a_sequence_whose_line_was_deleted_by_hand_is_measured_again_and_counted
         Counter((p, i) for p in ("rag-prefix-64/none/-", "rag-prefix-64/prefix/ram") for i in range(3))
     again = [r for r in records if r["point"].endswith("prefix/ram")]
     assert [r["request_index"] for r in again] == [0, 1, 2] and again[0]["cached_tokens"] == 0
+
+
+def test_disk_tiers_of_runs_that_were_killed_are_swept(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f"kvbench-disk-tier-{dead.stdout.strip()}-abc"
+    live = tmp_path / f"kvbench-disk-tier-{os.getpid()}-def"
+    other = tmp_path / "kvbench-disk-tier-notapid"
+    for path in (orphan, live, other):
+        (path / "ns").mkdir(parents=True)
+    sweep_dead_disk_tiers(tmp_path)
+    assert not orphan.exists() and live.exists() and other.exists()
+    with disk_tier_dir() as path:  # what a run makes: named by its pid, so a later run can tell it is orphaned
+        assert os.path.basename(path).startswith(f"kvbench-disk-tier-{os.getpid()}-")
 
 
 @pytest.mark.slow

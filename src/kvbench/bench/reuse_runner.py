@@ -10,6 +10,8 @@ Hit figures are per request (`cached_tokens`), never cumulative.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import tempfile
 import time
 from collections import defaultdict
@@ -34,6 +36,8 @@ from kvbench.engine.reuse import prefill_floor_ms
 from kvbench.models import LoadedModel, load_model
 from kvbench.reuse import ReuseCache, ReuseConfig
 from kvbench.strategies import build_strategy
+
+_DISK_TIER = "kvbench-disk-tier-"
 
 
 def run_reuse_suite(spec: ReuseSuiteSpec | TrafficSuiteSpec, options: RunOptions, lm: LoadedModel | None = None) -> RunOutcome:
@@ -66,6 +70,7 @@ def _run_reuse_suite(spec: ReuseSuiteSpec | TrafficSuiteSpec, options: RunOption
             "notes": [], "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     info["parts"] = provenance.parts(existing, info)
     atomic_write_text(out / RUN_INFO, json.dumps(info, indent=2) + "\n")
+    sweep_dead_disk_tiers()
     _warm_kernels(lm)
     with ResultsWriter(results_path) as writer, tqdm(total=len(todo), desc=spec.name, unit="seq",
                                                      disable=not options.progress) as bar:
@@ -97,6 +102,30 @@ def drop_cut_sequences(path: Path, spec: ReuseSuiteSpec | TrafficSuiteSpec, reco
     print(f"kvbench: dropped {dropped} record(s) of {len(cut)} sequence(s) cut mid-way; they are measured again "
           "from their first request")
     return [r for r in records if (r["point"], r["trial"]) not in cut]
+
+
+def disk_tier_dir() -> tempfile.TemporaryDirectory:
+    """A fresh directory for one sequence's disk tier, named with this process's id: a run killed before
+    it could remove it leaves a directory that `sweep_dead_disk_tiers` recognises as orphaned."""
+    return tempfile.TemporaryDirectory(prefix=f"{_DISK_TIER}{os.getpid()}-")
+
+
+def sweep_dead_disk_tiers(root: Path | None = None) -> None:
+    """Remove the disk-tier directories whose run is gone (killed with SIGKILL: no `finally` ran)."""
+    for path in Path(root or tempfile.gettempdir()).glob(f"{_DISK_TIER}*-*"):
+        pid = path.name.removeprefix(_DISK_TIER).split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _warm_kernels(lm: LoadedModel) -> None:
@@ -151,7 +180,7 @@ class _ReuseSequences:
         if point.mode == "none":
             return [self._record(point, trial, i, r, generate(self.lm, self.dynamic, [r.ids], self.config))
                     for i, r in enumerate(requests)]
-        with tempfile.TemporaryDirectory(prefix="kvbench-disk-tier-") as disk_dir:
+        with disk_tier_dir() as disk_dir:
             cache = _cache(self.lm, self.spec, point.mode, disk_dir if point.tier == "disk" else None)
             records = []
             for i, request in enumerate(requests):
@@ -216,7 +245,7 @@ class _TrafficStreams:
 
     def __call__(self, point: ReusePoint, trial: int) -> list[dict]:
         s = self.spec
-        with tempfile.TemporaryDirectory(prefix="kvbench-disk-tier-") as disk_dir:
+        with disk_tier_dir() as disk_dir:
             ram = ram_budget(s, len(self._prompt(0, trial, 0)), self.lm.kv_bytes_per_token)
             cache = _cache(self.lm, s, "prefix", disk_dir if s.disk else None, ram_bytes=ram)
             records = []
