@@ -30,10 +30,13 @@ _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb
 
 def parse_bytes(text: str) -> int:
     """'8GB', '512MiB', '1.5g' or a plain byte count."""
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(text))
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
     if not match or match.group(2).lower() not in _UNITS:
         raise KvbenchError(f"cannot read memory size {text!r}; write e.g. 8GB, 512MiB or 2000000000")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if size < 1:
+        raise KvbenchError(f"memory size {text!r} is under one byte; write e.g. 8GB, 512MiB or 2000000000")
+    return size
 
 
 def human_bytes(n: float) -> str:
