@@ -165,3 +165,71 @@ def test_a_reuse_suite_with_documents_over_the_context_window_measures_nothing(d
     err = one_line_error(["run", write_suite(tmp_path, suite), "--out", str(out), "--no-progress"], capsys)
     assert "new tokens exceeds the context window of smollm2-135m (8192 tokens)" in err
     assert not (out / "results.jsonl").exists()
+
+
+@pytest.mark.parametrize("suite", ["tiny", "reuse"])
+def test_a_second_run_on_one_out_is_refused_while_the_first_holds_it(suite, tiny_suite, tmp_path, capsys):
+    import os
+
+    from kvbench.bench.outlock import locked
+
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["run", str(tiny_suite) if suite == "tiny" else "reuse", "--quick", "--resume", "--out", str(out),
+            "--no-progress"]
+    with locked(out):  # what a first run holds while it measures
+        err = one_line_error(argv, capsys)
+    assert f"another kvbench run (pid {os.getpid()}) is writing to {out}; wait for it to end" in err
+    assert not (out / "results.jsonl").exists()
+    if suite == "tiny":
+        assert main(argv) == 0  # released when the first run ends
+
+
+@pytest.mark.parametrize("limit, message", [
+    ("0", "memory size '0' is under one byte"),
+    ("0.5", "memory size '0.5' is under one byte"),
+    ("", "cannot read memory size ''"),
+    ("1.2.3GB", "cannot read memory size '1.2.3GB'"),
+    ("1e9", "cannot read memory size '1e9'"),
+])
+def test_memory_limits_that_are_no_size_are_refused(limit, message, capsys):
+    assert message in one_line_error(["run", "prompt-sweep", "--memory-limit", limit, "--dry-run"], capsys)
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"quick": 5}, "suite key quick must be a mapping, got 5"),
+    ({"kind": "reuse", "quick": 5}, "ReuseSuiteSpec key quick must be a mapping, got 5"),
+    ({"kind": "bogus"}, "has unknown kind 'bogus'; valid: reuse, traffic (or no kind: a sweep of strategies)"),
+    ({"strategies": ["h2o:budget=0.5:budget=0.9"]}, "strategy 'h2o:budget=0.5:budget=0.9' sets budget twice"),
+])
+def test_suite_mistakes_are_named_for_what_they_are(data, message, tmp_path, capsys):
+    assert message in one_line_error(["run", write_suite(tmp_path, {"name": "x", **data}), "--dry-run"], capsys)
+
+
+def test_a_bad_strategy_parameter_is_named_before_the_baseline_it_replaces(capsys):
+    argv = ["run", "strategy-sweep", "--strategies", "h2o:window=8.0", "--dry-run"]  # baseline: dynamic
+    assert "strategy 'h2o' parameter window must be a whole number, got 8.0" in one_line_error(argv, capsys)
+
+
+def test_a_prompt_over_the_context_window_is_refused_for_that_not_for_memory(tmp_path, capsys):
+    suite = {"name": "x", "model": "synthetic:tiny", "device": "cpu", "workload": {"kind": "synthetic"},
+             "prompt_tokens": [100000], "output_tokens": [8], "trials": 1, "warmup": 0}
+    argv = ["run", write_suite(tmp_path, suite), "--out", str(tmp_path / "out"), "--memory-limit", "1MB", "--no-progress"]
+    assert ("point dynamic/p100000/o8/b1: a prompt of 100000 tokens + 8 new tokens exceeds the context window of "
+            "synthetic:tiny (4096 tokens)") in one_line_error(argv, capsys)
+
+
+def test_a_multi_model_dry_run_names_every_model(capsys):
+    assert main(["run", "model-size-sweep", "--dry-run"]) == 0
+    assert "on synthetic:135m, synthetic:1b, smollm2-135m\n" in capsys.readouterr().out.splitlines(keepends=True)[0]
+
+
+def test_a_conversations_file_that_is_not_utf8_is_refused_by_its_line(tmp_path):
+    from kvbench.clients.workloads import read_conversations
+    from kvbench.errors import KvbenchError
+
+    path = tmp_path / "chats.jsonl"
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
+    path.write_bytes(good + b"\n" + b'{"messages": [{"role": "user", "content": "\xff"}]}\n')
+    with pytest.raises(KvbenchError, match="chats.jsonl line 2: not a conversation"):
+        read_conversations(path)

@@ -1,7 +1,11 @@
 import pytest
+import torch
 
-from kvbench.bench.preflight import estimate, human_bytes, parse_bytes
+from kvbench.bench import runner
+from kvbench.bench.preflight import ModelShape, estimate, human_bytes, parse_bytes, read_shape
+from kvbench.bench.runner import RunOptions, run_suite
 from kvbench.bench.spec import from_dict
+from kvbench.cli import main
 from kvbench.errors import KvbenchError
 
 
@@ -21,7 +25,50 @@ def test_human_bytes():
 def test_estimate_picks_the_largest_point(tiny):
     spec = from_dict({"name": "x", "strategies": ["dynamic"], "prompt_tokens": [16, 256], "batch_sizes": [1, 4],
                       "output_tokens": [8]})
-    e = estimate(tiny, spec.points(), {p: p.prompt_tokens for p in spec.points()})
+    e = estimate(ModelShape.of(tiny), spec.points(), {p: p.prompt_tokens for p in spec.points()})
     assert (e.point.prompt_tokens, e.point.batch_size) == (256, 4)
     assert e.kv == 4 * (256 + 8) * tiny.kv_bytes_per_token
     assert e.weights == tiny.weight_bytes
+
+
+def test_a_shape_read_from_the_config_counts_what_loading_holds(tiny):
+    shape = read_shape("synthetic:tiny", torch.float32)
+    assert shape.weight_bytes == tiny.weight_bytes and shape.kv_bytes_per_token == tiny.kv_bytes_per_token
+    assert read_shape("synthetic:tiny", torch.bfloat16).weight_bytes == tiny.weight_bytes // 2
+
+
+@pytest.mark.slow
+def test_the_embedded_model_s_shape_is_read_from_its_converted_config(embedded):
+    shape = read_shape("smollm2-135m", torch.float32)
+    assert shape.weight_bytes == embedded.weight_bytes and shape.context_window == embedded.context_window
+
+
+def _no_loading(monkeypatch) -> list[str]:
+    loaded = []
+
+    def load_model(name, *args):
+        loaded.append(name)
+        raise AssertionError(f"{name} was loaded before the sweep was refused")
+
+    monkeypatch.setattr(runner, "load_model", load_model)
+    return loaded
+
+
+def test_a_sweep_is_refused_for_its_largest_model_before_any_weights_load(monkeypatch, tmp_path):
+    """A multi-model sweep used to measure the models that fit before refusing a later one."""
+    loaded = _no_loading(monkeypatch)
+    spec = from_dict({"name": "x", "models": ["synthetic:tiny", "synthetic:1b"], "device": "cpu",
+                      "workload": {"kind": "synthetic"}, "prompt_tokens": [16], "output_tokens": [4], "trials": 1})
+    with pytest.raises(KvbenchError, match=r"refusing to run: the largest point \(synthetic:1b/dynamic/p16/o4/b1\)"):
+        run_suite(spec, RunOptions(out=tmp_path / "out", progress=False, memory_limit=10**9))
+    assert loaded == [] and not (tmp_path / "out" / "results.jsonl").exists()
+
+
+def test_a_sweep_over_the_memory_limit_is_refused_from_the_command_line_without_loading(monkeypatch, tmp_path, capsys):
+    loaded = _no_loading(monkeypatch)
+    argv = ["run", "strategy-sweep", "--quick", "--model", "synthetic:1b", "--device", "cpu", "--memory-limit", "1GB",
+            "--out", str(tmp_path / "out"), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvbench: error: refusing to run: the largest point") and "weights 4.60 GiB" in err
+    assert loaded == []

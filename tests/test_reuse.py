@@ -279,6 +279,37 @@ def test_unwritable_disk_dir_is_refused(tmp_path):
         DiskTier(blocker / "sub", NS)
 
 
+def test_a_disk_tier_deleted_while_running_costs_a_logged_store_not_the_request(tiny, tmp_path, caplog):
+    """A user clearing the cache with rm -rf while a process runs: the request that ran keeps its answer."""
+    import shutil
+
+    engine = ReusingEngine(tiny, ReuseConfig(block_size=16, disk_dir=str(tmp_path / "kv")))
+    shutil.rmtree(tmp_path / "kv")
+    prompt = _tokens(40, 23, tiny.config.vocab_size)
+    with caplog.at_level("WARNING", logger="kvbench.reuse"):
+        result = engine.generate(prompt, GREEDY)
+    assert result.tokens == generate(tiny, build_strategy("dynamic"), [prompt], GREEDY).tokens
+    assert "could not store a block: cannot write to the disk tier" in caplog.text
+
+
+@pytest.mark.parametrize("intruder", ["directory", "symlink loop", "dangling symlink"])
+def test_entries_named_like_blocks_that_are_not_files_are_ignored_at_rebuild(tmp_path, caplog, intruder):
+    disk = DiskTier(tmp_path, NS)
+    disk.put("k", _block(1))
+    odd = disk.dir / "odd.kvb"
+    if intruder == "directory":
+        odd.mkdir()
+    elif intruder == "symlink loop":
+        odd.symlink_to(odd)
+    else:
+        odd.symlink_to(disk.dir / "missing.kvb")
+    with caplog.at_level("WARNING", logger="kvbench.reuse"):
+        restarted = DiskTier(tmp_path, NS)
+    assert restarted.keys() == ["k"] and torch.equal(restarted.get("k").kv, _block(1).kv)
+    assert odd.is_symlink() or odd.is_dir()  # not ours: left where it is
+    assert "not a regular file" in caplog.text
+
+
 def _write_blocks(root, seeds):
     disk = DiskTier(root, NS)
     for s in seeds:

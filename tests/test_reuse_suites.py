@@ -6,7 +6,8 @@ from collections import Counter
 import pytest
 
 from kvbench.bench.reuse_report import break_even, mode_rows
-from kvbench.bench.reuse_runner import drop_cut_sequences, ram_budget, run_reuse_suite, stream_order
+from kvbench.bench.reuse_runner import (disk_tier_dir, drop_cut_sequences, ram_budget, run_reuse_suite, stream_order,
+                                        sweep_dead_disk_tiers)
 from kvbench.bench.reuse_spec import ReuseSuiteSpec, TrafficSuiteSpec, parse_mode, spec_from_dict
 from kvbench.bench.runner import RunOptions
 from kvbench.bench.spec import load_suite
@@ -181,6 +182,53 @@ def test_records_of_a_sequence_cut_mid_way_are_dropped_from_the_results(tmp_path
     assert "dropped 3 record(s) of 2 sequence(s) cut mid-way" in capsys.readouterr().out
 
 
+def test_a_sequence_is_done_only_when_every_request_is_recorded(tmp_path, capsys):
+    spec = spec_from_dict({"name": "r", "kind": "reuse", "workloads": ["rag-prefix-64"], "modes": ["none", "prefix"],
+                           "requests": 3})
+    records = [{"point": p, "trial": 0, "request_index": i}
+               for p, indices in (("rag-prefix-64/none/-", (0, 1, 2)), ("rag-prefix-64/prefix/ram", (0, 2, 2)))
+               for i in indices]  # three records, but request 1 missing: not done
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    kept = drop_cut_sequences(path, spec, records)
+    assert {r["point"] for r in kept} == {"rag-prefix-64/none/-"} and len(kept) == 3
+    assert "dropped 3 record(s) of 1 sequence(s) cut mid-way" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_sequence_whose_line_was_deleted_by_hand_is_measured_again_and_counted_once(tmp_path, capsys, embedded):
+    """The error on a cut line says to delete it; after that, --resume must not take the sequence as done."""
+    _reuse_run(tmp_path, embedded)
+    results = tmp_path / "out" / "results.jsonl"
+    lines = results.read_text().splitlines()
+    assert [json.loads(line)["request_index"] for line in lines[3:]] == [0, 1, 2]  # the prefix sequence
+    results.write_text("\n".join(lines[:4] + lines[5:]) + "\n")  # its middle request deleted by hand
+    outcome = _reuse_run(tmp_path, embedded, resume=True)
+    assert (outcome.measured, outcome.skipped) == (1, 1)
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    assert Counter((r["point"], r["request_index"]) for r in records) == \
+        Counter((p, i) for p in ("rag-prefix-64/none/-", "rag-prefix-64/prefix/ram") for i in range(3))
+    again = [r for r in records if r["point"].endswith("prefix/ram")]
+    assert [r["request_index"] for r in again] == [0, 1, 2] and again[0]["cached_tokens"] == 0
+
+
+def test_disk_tiers_of_runs_that_were_killed_are_swept(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f"kvbench-disk-tier-{dead.stdout.strip()}-abc"
+    live = tmp_path / f"kvbench-disk-tier-{os.getpid()}-def"
+    other = tmp_path / "kvbench-disk-tier-notapid"
+    for path in (orphan, live, other):
+        (path / "ns").mkdir(parents=True)
+    sweep_dead_disk_tiers(tmp_path)
+    assert not orphan.exists() and live.exists() and other.exists()
+    with disk_tier_dir() as path:  # what a run makes: named by its pid, so a later run can tell it is orphaned
+        assert os.path.basename(path).startswith(f"kvbench-disk-tier-{os.getpid()}-")
+
+
 @pytest.mark.slow
 def test_a_reuse_sequence_cut_mid_way_is_measured_again_from_its_first_request(tmp_path, capsys, embedded):
     _reuse_run(tmp_path, embedded)
@@ -194,7 +242,7 @@ def test_a_reuse_sequence_cut_mid_way_is_measured_again_from_its_first_request(t
     capsys.readouterr()
     outcome = _reuse_run(tmp_path, embedded, resume=True, repair=True)
     out = capsys.readouterr().out
-    assert "dropped 1 corrupt line(s)" in out and "dropped 1 record(s) of 1 sequence(s) cut mid-way" in out
+    assert "dropped 1 corrupt or repeated line(s)" in out and "dropped 1 record(s) of 1 sequence(s) cut mid-way" in out
     assert (outcome.measured, outcome.skipped) == (1, 1)
     records = [json.loads(line) for line in results.read_text().splitlines()]
     assert sorted((r["point"], r["request_index"]) for r in records) == \

@@ -86,14 +86,16 @@ def test_resume_keeps_every_part_in_run_json(tiny_suite, tmp_path, tiny):
                                                                   "environment": first["environment"]}
 
 
-def test_corrupt_line_is_reported_and_repair_keeps_good_records(tiny_suite, tmp_path, tiny):
+@pytest.mark.parametrize("bad", [b'{"suite": "tiny", "trunc', b'{"suite": "tiny\xff\xfe"}\n'])  # cut off; not UTF-8
+def test_corrupt_line_is_reported_and_repair_keeps_good_records(bad, tiny_suite, tmp_path, tiny):
     spec = load_suite(str(tiny_suite)).with_overrides(trials=1)
     out = tmp_path / "out"
     _run(spec, out, tiny)
     results = out / "results.jsonl"
     good = len(read_records(results))
-    with open(results, "a") as fh:
-        fh.write('{"suite": "tiny", "trunc')  # a record cut off by a crash
+    with open(results, "ab") as fh:
+        fh.write(bad)
+    assert "| dynamic/p16/o4/b1 | 1 |" in write_report(out).read_text()  # the report reads past it
     with pytest.raises(KvbenchError, match=rf"line {good + 1} is not a valid JSON record .*{good} good records kept"):
         _run(spec, out, tiny, resume=True)
     assert len(read_records(results, strict=False)) == good
@@ -123,6 +125,14 @@ def test_report_reads_records_only(tiny_suite, tmp_path, tiny):
     for figure in ("latency_vs_prompt.png", "strategies.png", "speedup.png"):
         assert (out / "figures" / figure).stat().st_size > 1000
         assert f"figures/{figure}" in report
+
+
+def test_a_report_counts_each_trial_once_when_two_runs_wrote_it(tiny_suite, tmp_path, tiny):
+    out = tmp_path / "out"
+    _run(load_suite(str(tiny_suite)), out, tiny)
+    results = out / "results.jsonl"
+    results.write_text(results.read_text() * 2)  # two runs on one --out, before runs locked it
+    assert "| dynamic/p16/o4/b1 | 2 |" in write_report(out).read_text()
 
 
 def test_report_without_results_says_what_to_do(tmp_path):

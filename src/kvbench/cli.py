@@ -265,15 +265,17 @@ def cmd_run(args) -> int:
         trials=args.trials, warmup=args.warmup,
         strategies=[s.strip() for s in args.strategies.split(",") if s.strip()] if args.strategies else None,
     )
+    memory_limit = None if args.memory_limit is None else parse_bytes(args.memory_limit)
     if args.dry_run:
-        print(f"{spec.name}: {len(spec.points())} points x {spec.trials} trials (+{spec.warmup} warmup each) on {spec.model}")
+        print(f"{spec.name}: {len(spec.points())} points x {spec.trials} trials (+{spec.warmup} warmup each) on "
+              f"{', '.join(spec.model_names())}")
         for point in spec.points():
             print(f"  {point.key}")
         return 0
     out = args.out or Path("results") / spec.name
     options = RunOptions(
         out=out, resume=args.resume, repair=args.repair,
-        memory_limit=parse_bytes(args.memory_limit) if args.memory_limit else None, progress=not args.no_progress,
+        memory_limit=memory_limit, progress=not args.no_progress,
     )
     _quiet_transformers()
     outcome = run_suite(spec, options)
@@ -291,7 +293,7 @@ def _run_reuse(spec, args) -> int:
     from kvbench.bench.reuse_runner import run_reuse_suite
     from kvbench.bench.runner import RunOptions
 
-    if args.strategies or args.warmup is not None or args.memory_limit:
+    if args.strategies or args.warmup is not None or args.memory_limit is not None:
         raise KvbenchError(f"suite {spec.name!r} is a {spec.kind} suite: it takes no --strategies, --warmup "
                            "or --memory-limit")
     spec = spec.resolved(args.quick, model=args.model, device=args.device, dtype=args.dtype, trials=args.trials)

@@ -75,11 +75,7 @@ class LoadedModel:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """Bytes of keys + values per token per sequence, over all layers, at the model's dtype."""
-        cfg = self.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        return 2 * cfg.num_hidden_layers * kv_heads * head_dim * self.dtype.itemsize
+        return kv_bytes_per_token(self.config, self.dtype)
 
     @property
     def weight_bytes(self) -> int:
@@ -111,6 +107,13 @@ class LoadedModel:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """Bytes of keys + values per token per sequence, over all layers, at `dtype`."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * dtype.itemsize
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("KVBENCH_CACHE", Path.home() / ".cache" / "kvbench"))
 
@@ -124,23 +127,52 @@ def load_model(spec: str = EMBEDDED, device: str = "auto", dtype: str = "auto") 
     warn_untested()
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    kind, where = model_source(spec)
+    loader = {"synthetic": _build_synthetic, "gguf": _load_gguf, "dir": _load_dir, "hub": _load_hub}[kind]
+    model, tok, fp = loader(where, dt)
+    model.to(dev).eval()
+    return LoadedModel(spec, model, tok, dev, dt, fp)
+
+
+def model_source(spec: str) -> tuple[str, str | Path]:
+    """What a model spec names: ("synthetic", preset), ("gguf", file), ("dir", model dir; the embedded
+    model's converted one) or ("hub", repo id). A spec that names nothing loadable is refused."""
     if spec == EMBEDDED:
-        model, tok, fp = _load_dir(ensure_embedded(), dt)
-    elif spec.startswith("synthetic:"):
-        model, tok, fp = _build_synthetic(spec.split(":", 1)[1], dt)
-    elif spec.endswith(".gguf"):
-        model, tok, fp = _load_gguf(Path(spec), dt)
-    elif Path(spec).is_dir():
-        model, tok, fp = _load_dir(Path(spec), dt)
-    elif Path(spec).exists() or spec.startswith((".", "/", "~")):
+        return "dir", ensure_embedded()
+    if spec.startswith("synthetic:"):
+        return "synthetic", spec.split(":", 1)[1]
+    path = Path(spec)
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise KvbenchError(f"GGUF file {path} does not exist")
+        return "gguf", path
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise KvbenchError(f"{path} has no config.json; it is not a transformers model directory")
+        return "dir", path
+    if path.exists() or spec.startswith((".", "/", "~")):
         raise KvbenchError(
             f"model {spec!r} is neither a model directory nor a .gguf file; "
             f"known models: {', '.join(known_models())}, a local dir, a .gguf path or a hub id"
         )
-    else:
-        model, tok, fp = _load_hub(spec, dt)
-    model.to(dev).eval()
-    return LoadedModel(spec, model, tok, dev, dt, fp)
+    return "hub", spec
+
+
+def model_config(spec: str):
+    """A model's transformers config, read without loading its weights."""
+    from transformers import AutoConfig
+
+    kind, where = model_source(spec)
+    if kind == "synthetic":
+        return synthetic_config(where)
+    if kind == "gguf":
+        return AutoConfig.from_pretrained(where.parent, gguf_file=where.name)
+    if kind == "dir":
+        return AutoConfig.from_pretrained(where)
+    try:
+        return AutoConfig.from_pretrained(where)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(where, exc) from None
 
 
 def embedded_gguf() -> Path:
@@ -198,8 +230,6 @@ def _write_converted(gguf: Path, out: Path) -> None:
 def _load_dir(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not (path / "config.json").exists():
-        raise KvbenchError(f"{path} has no config.json; it is not a transformers model directory")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     try:
         tok = AutoTokenizer.from_pretrained(path)
@@ -211,8 +241,6 @@ def _load_dir(path: Path, dtype: torch.dtype):
 def _load_gguf(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not path.is_file():
-        raise KvbenchError(f"GGUF file {path} does not exist")
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return model, tok, _fingerprint(model.config, [path])
@@ -225,12 +253,16 @@ def _load_hub(repo_id: str, dtype: torch.dtype):
         model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype)
         tok = AutoTokenizer.from_pretrained(repo_id)
     except (OSError, ValueError) as exc:
-        raise KvbenchError(
-            f"could not load {repo_id!r} from the Hugging Face hub ({str(exc).splitlines()[0]}). "
-            f"Offline, use the embedded default {EMBEDDED!r}, a local model dir, a .gguf file, "
-            f"or one of {', '.join(known_models()[1:])}"
-        ) from None
+        raise _hub_error(repo_id, exc) from None
     return model, tok, _fingerprint(model.config, [], extra=f"{repo_id}@{getattr(model.config, '_commit_hash', None)}")
+
+
+def _hub_error(repo_id: str, exc: Exception) -> KvbenchError:
+    return KvbenchError(
+        f"could not load {repo_id!r} from the Hugging Face hub ({str(exc).splitlines()[0]}). "
+        f"Offline, use the embedded default {EMBEDDED!r}, a local model dir, a .gguf file, "
+        f"or one of {', '.join(known_models()[1:])}"
+    )
 
 
 def synthetic_config(preset: str):

@@ -3,18 +3,26 @@
 The estimate is deliberately conservative: weights, the full KV cache of the largest point, and
 prefill activations including one layer's attention-score matrix (the eager/masked SDPA path
 materialises it; fused kernels need less).
+
+It runs twice. Before any weights load, every model of the sweep is estimated from its config alone
+(`read_shape`: parameters counted on the meta device) with the prompt lengths the suite fixes, so a
+sweep that cannot fit is refused in seconds, before its first measurement. Prompts written as text
+have no length until a tokenizer reads them: that first estimate counts only their new tokens, and
+each model is estimated again once loaded, with its real prompts.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import psutil
+import torch
 
 from kvbench.bench.spec import Point
 from kvbench.errors import KvbenchError
-from kvbench.models import LoadedModel
+from kvbench.models import LoadedModel, kv_bytes_per_token, model_config
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -22,10 +30,13 @@ _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb
 
 def parse_bytes(text: str) -> int:
     """'8GB', '512MiB', '1.5g' or a plain byte count."""
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(text))
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
     if not match or match.group(2).lower() not in _UNITS:
         raise KvbenchError(f"cannot read memory size {text!r}; write e.g. 8GB, 512MiB or 2000000000")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if size < 1:
+        raise KvbenchError(f"memory size {text!r} is under one byte; write e.g. 8GB, 512MiB or 2000000000")
+    return size
 
 
 def human_bytes(n: float) -> str:
@@ -34,6 +45,40 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     raise AssertionError
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs of a model: its config, dtype and the bytes of its weights."""
+
+    name: str
+    config: Any  # a transformers PretrainedConfig
+    dtype: torch.dtype
+    weight_bytes: int
+
+    @classmethod
+    def of(cls, lm: LoadedModel) -> ModelShape:
+        return cls(lm.name, lm.config, lm.dtype, lm.weight_bytes)
+
+    @property
+    def context_window(self) -> int:
+        return int(self.config.max_position_embeddings)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return kv_bytes_per_token(self.config, self.dtype)
+
+
+def read_shape(spec: str, dtype: torch.dtype) -> ModelShape:
+    """A model's shape from its config alone: it is built on the meta device, so its parameters are
+    counted (tied ones once) without allocating a byte of them."""
+    from transformers import AutoModelForCausalLM
+
+    config = model_config(spec)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config).to(dtype)
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return ModelShape(spec, config, dtype, sum(t.numel() * t.element_size() for t in tensors.values()))
 
 
 @dataclass(frozen=True)
@@ -48,8 +93,8 @@ class Estimate:
         return self.weights + self.kv + self.activations
 
 
-def estimate(lm: LoadedModel, points: list[Point], prompt_tokens: dict[Point, int]) -> Estimate:
-    """The largest estimate over the points of one model (`prompt_tokens` gives each point's real length)."""
+def estimate(lm: ModelShape, points: list[Point], prompt_tokens: dict[Point, int]) -> Estimate:
+    """The largest estimate over the points of one model (`prompt_tokens` gives each point's length)."""
     cfg, size = lm.config, lm.dtype.itemsize
     worst = None
     for point in points:
@@ -64,9 +109,19 @@ def estimate(lm: LoadedModel, points: list[Point], prompt_tokens: dict[Point, in
     return worst
 
 
-def default_limit(lm: LoadedModel) -> int:
-    """80% of the memory available now plus what the loaded weights already hold."""
-    return int(0.8 * (psutil.virtual_memory().available + lm.weight_bytes))
+def default_limit(held_bytes: int) -> int:
+    """80% of the memory available now plus what this process already holds for the model (its loaded weights)."""
+    return int(0.8 * (psutil.virtual_memory().available + held_bytes))
+
+
+def check_context(lm: ModelShape, points: list[Point]) -> None:
+    """Refuse a point whose fixed prompt length plus new tokens exceeds the model's context window."""
+    for p in points:
+        if p.prompt_tokens is not None and p.prompt_tokens + p.output_tokens > lm.context_window:
+            raise KvbenchError(
+                f"point {p.key}: a prompt of {p.prompt_tokens} tokens + {p.output_tokens} new tokens exceeds the "
+                f"context window of {lm.name} ({lm.context_window} tokens); lower prompt_tokens or output_tokens"
+            )
 
 
 def check(e: Estimate, limit: int) -> None:

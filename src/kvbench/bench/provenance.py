@@ -31,7 +31,7 @@ def start(out: Path, kind: str, resume: bool, repair_first: bool, digest: str, e
     ("suite", "reuse", "traffic", "load"), and a resume that would measure something else (module docstring)."""
     results = out / RESULTS
     if repair_first and results.exists():
-        print(f"kvbench: dropped {repair(results)} corrupt line(s) from {results}")
+        print(f"kvbench: dropped {repair(results)} corrupt or repeated line(s) from {results}")
     if not results.exists() or results.stat().st_size == 0:
         return Existing([], {})
     if not resume:

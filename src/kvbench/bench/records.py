@@ -1,13 +1,16 @@
 """results.jsonl: one JSON record per measured trial, appended and flushed one at a time.
 
 A crash loses at most the record being written. On resume the file is read back; a line that is
-not valid JSON is reported with its number (the good records are kept, and `repair` drops it).
+not valid JSON (or not UTF-8) is reported with its number (the good records are kept, and `repair`
+drops it). A measurement recorded twice (two runs on one OUT before runs locked it) counts once: the
+first record of each (point, trial) is kept and the others are dropped with a warning.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -50,16 +53,16 @@ def run_kind(out: Path) -> str:
 
 
 def read_records(path: Path, strict: bool = True) -> list[dict]:
-    """All records of a results file; with strict=False, corrupt lines are skipped."""
+    """All records of a results file, each measurement once; with strict=False, corrupt lines are skipped."""
     records, bad = [], []
     if not path.exists():
         return records
-    with open(path, encoding="utf-8") as fh:
+    with open(path, "rb") as fh:  # bytes: a line that is not UTF-8 is one bad line, not a crash
         for number, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line.decode("utf-8"))  # UnicodeDecodeError is a ValueError
                 if not isinstance(record, dict):
                     raise ValueError("not an object")
             except ValueError:
@@ -71,14 +74,31 @@ def read_records(path: Path, strict: bool = True) -> list[dict]:
             f"{path} line {bad[0]} is not a valid JSON record ({len(bad)} bad line(s), {len(records)} good "
             "records kept); fix or delete that line, or rerun with --repair to drop bad lines"
         )
-    return records
+    return _measured_once(path, records)
+
+
+def _measured_once(path: Path, records: list[dict]) -> list[dict]:
+    """The first record of each measurement: (point, trial, warmup, request_index) of a suite, reuse or
+    traffic record (load records have no point and are kept as they are)."""
+    seen, kept = set(), []
+    for record in records:
+        if "point" in record:
+            key = tuple(record.get(f) for f in ("point", "trial", "warmup", "request_index"))
+            if key in seen:
+                continue
+            seen.add(key)
+        kept.append(record)
+    if len(kept) < len(records):
+        print(f"kvbench: warning: {path} records {len(records) - len(kept)} measurement(s) twice (two runs on one "
+              "--out?); each counts once, the first record kept (--repair drops the others)", file=sys.stderr)
+    return kept
 
 
 def repair(path: Path, keep: Callable[[dict], bool] = lambda record: True) -> int:
-    """Rewrite the file (atomically) without its corrupt lines and the records `keep` rejects; returns how
-    many lines were dropped."""
+    """Rewrite the file (atomically) without its corrupt lines, its repeated measurements and the records
+    `keep` rejects; returns how many lines were dropped."""
     good = [r for r in read_records(path, strict=False) if keep(r)]
-    total = sum(1 for line in open(path, encoding="utf-8") if line.strip())
+    total = sum(1 for line in open(path, "rb") if line.strip())
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in good))
     return total - len(good)
 

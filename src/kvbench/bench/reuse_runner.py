@@ -10,9 +10,11 @@ Hit figures are per request (`cached_tokens`), never cumulative.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import tempfile
 import time
-from collections import Counter
+from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from tqdm import tqdm
 from kvbench.bench import provenance
 from kvbench.bench.environment import describe
 from kvbench.bench.metrics import request_timing
+from kvbench.bench.outlock import locked
 from kvbench.bench.records import RESULTS, RUN_INFO, ResultsWriter, atomic_write_text, repair
 from kvbench.bench.reuse_spec import STREAMS, ReusePoint, ReuseSuiteSpec, TrafficSuiteSpec, parse_mode
 from kvbench.bench.reuse_workloads import ReuseRequest, Texts, build, document_pool
@@ -35,9 +38,17 @@ from kvbench.models import LoadedModel, load_model
 from kvbench.reuse import ReuseCache, ReuseConfig
 from kvbench.strategies import build_strategy
 
+_DISK_TIER = "kvbench-disk-tier-"
+
 
 def run_reuse_suite(spec: ReuseSuiteSpec | TrafficSuiteSpec, options: RunOptions, lm: LoadedModel | None = None) -> RunOutcome:
     out = prepare_out_dir(options.out)
+    with locked(out):
+        return _run_reuse_suite(spec, options, lm, out)
+
+
+def _run_reuse_suite(spec: ReuseSuiteSpec | TrafficSuiteSpec, options: RunOptions, lm: LoadedModel | None,
+                     out: Path) -> RunOutcome:
     results_path = out / RESULTS
     environment = describe(resolve_device(spec.device))
     existing = provenance.start(out, spec.kind, options.resume, options.repair, spec.digest(), environment)
@@ -60,6 +71,7 @@ def run_reuse_suite(spec: ReuseSuiteSpec | TrafficSuiteSpec, options: RunOptions
             "notes": [], "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     info["parts"] = provenance.parts(existing, info)
     atomic_write_text(out / RUN_INFO, json.dumps(info, indent=2) + "\n")
+    sweep_dead_disk_tiers()
     _warm_kernels(lm)
     with ResultsWriter(results_path) as writer, tqdm(total=len(todo), desc=spec.name, unit="seq",
                                                      disable=not options.progress) as bar:
@@ -77,21 +89,48 @@ def sequence_length(spec: ReuseSuiteSpec | TrafficSuiteSpec, workload: str) -> i
 
 
 def drop_cut_sequences(path: Path, spec: ReuseSuiteSpec | TrafficSuiteSpec, records: list[dict]) -> list[dict]:
-    """The records of complete sequences; those of a sequence cut mid-way are dropped from `path`, so that
-    it is measured again from its first request and the report never counts it twice."""
+    """The records of complete sequences (every request recorded); those of a sequence cut mid-way, or
+    with a line deleted by hand, are dropped from `path`, so that it is measured again from its first
+    request and the report never counts it twice."""
     lengths = {p.key: sequence_length(spec, p.workload) for p in spec.points()}
-    counts = Counter((r["point"], r["trial"]) for r in records)
-    foreign = sorted({point for point, _ in counts if point not in lengths})
+    requests = defaultdict(set)
+    for r in records:
+        requests[(r["point"], r["trial"])].add(r["request_index"])
+    foreign = sorted({point for point, _ in requests if point not in lengths})
     if foreign:  # possible when run.json, and with it the spec digest, is gone
         raise KvbenchError(f"{path} holds records of points this suite does not have ({', '.join(foreign[:3])}); "
                            "resume with the suite and flags that wrote them, or choose another --out")
-    cut = {key for key, n in counts.items() if n < lengths[key[0]]}
+    cut = {key for key, indices in requests.items() if indices != set(range(lengths[key[0]]))}
     if not cut:
         return records
     dropped = repair(path, keep=lambda r: (r["point"], r["trial"]) not in cut)
     print(f"kvbench: dropped {dropped} record(s) of {len(cut)} sequence(s) cut mid-way; they are measured again "
           "from their first request")
     return [r for r in records if (r["point"], r["trial"]) not in cut]
+
+
+def disk_tier_dir() -> tempfile.TemporaryDirectory:
+    """A fresh directory for one sequence's disk tier, named with this process's id: a run killed before
+    it could remove it leaves a directory that `sweep_dead_disk_tiers` recognises as orphaned."""
+    return tempfile.TemporaryDirectory(prefix=f"{_DISK_TIER}{os.getpid()}-")
+
+
+def sweep_dead_disk_tiers(root: Path | None = None) -> None:
+    """Remove the disk-tier directories whose run is gone (killed with SIGKILL: no `finally` ran)."""
+    for path in Path(root or tempfile.gettempdir()).glob(f"{_DISK_TIER}*-*"):
+        pid = path.name.removeprefix(_DISK_TIER).split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _warm_kernels(lm: LoadedModel) -> None:
@@ -146,7 +185,7 @@ class _ReuseSequences:
         if point.mode == "none":
             return [self._record(point, trial, i, r, generate(self.lm, self.dynamic, [r.ids], self.config))
                     for i, r in enumerate(requests)]
-        with tempfile.TemporaryDirectory(prefix="kvbench-disk-tier-") as disk_dir:
+        with disk_tier_dir() as disk_dir:
             cache = _cache(self.lm, self.spec, point.mode, disk_dir if point.tier == "disk" else None)
             records = []
             for i, request in enumerate(requests):
@@ -211,7 +250,7 @@ class _TrafficStreams:
 
     def __call__(self, point: ReusePoint, trial: int) -> list[dict]:
         s = self.spec
-        with tempfile.TemporaryDirectory(prefix="kvbench-disk-tier-") as disk_dir:
+        with disk_tier_dir() as disk_dir:
             ram = ram_budget(s, len(self._prompt(0, trial, 0)), self.lm.kv_bytes_per_token)
             cache = _cache(self.lm, s, "prefix", disk_dir if s.disk else None, ram_bytes=ram)
             records = []

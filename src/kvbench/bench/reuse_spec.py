@@ -24,6 +24,7 @@ from kvbench.models import EMBEDDED
 from kvbench.reuse import ReuseConfig
 from kvbench.reuse.assemble import RECOMPUTE
 
+KINDS = ("reuse", "traffic")
 TIERS = ("ram", "disk")
 STREAMS = ("uniform", "zipf", "temporal")
 

@@ -19,9 +19,11 @@ from kvbench.bench import preflight, provenance
 from kvbench.bench.assess import Assessor
 from kvbench.bench.environment import describe
 from kvbench.bench.metrics import request_timing
+from kvbench.bench.outlock import locked
 from kvbench.bench.records import RESULTS, RUN_INFO, ResultsWriter, atomic_write_text
 from kvbench.bench.spec import Point, SuiteSpec, to_dict
 from kvbench.bench.workloads import Prompt, build_prompts
+from kvbench.device import resolve_device, resolve_dtype
 from kvbench.engine import GenerationConfig, GenerationResult, generate
 from kvbench.engine.generate import check_prompts
 from kvbench.errors import KvbenchError
@@ -59,6 +61,11 @@ def prepare_out_dir(out: Path) -> Path:
 def run_suite(spec: SuiteSpec, options: RunOptions, lm: LoadedModel | None = None) -> RunOutcome:
     """Measure every point not yet in OUT/results.jsonl. `lm`, when given, serves its own model spec."""
     out = prepare_out_dir(options.out)
+    with locked(out):
+        return _run_suite(spec, options, lm, out)
+
+
+def _run_suite(spec: SuiteSpec, options: RunOptions, lm: LoadedModel | None, out: Path) -> RunOutcome:
     results_path = out / RESULTS
     notes = sorted({n for s in spec.variants() for n in s.build().notes(_device_hint(lm, spec))})
     info = _run_info(spec, notes)
@@ -71,18 +78,23 @@ def run_suite(spec: SuiteSpec, options: RunOptions, lm: LoadedModel | None = Non
     done = {(r.get("point"), r.get("trial")) for r in existing.records if not r.get("warmup")}
     todo = [(p, t) for p in all_points for t in range(spec.trials) if (p.key, t) not in done]
     unfinished = {p for p, _ in todo}
+    to_load = {m: [p for p in all_points if p.model == m] for m in spec.model_names()}
+    to_load = {m: points for m, points in to_load.items() if not unfinished.isdisjoint(points)}
+    dtype = resolve_dtype(spec.dtype, resolve_device(spec.device))
+    for model_name, points in to_load.items():  # every model, from its config, before any weights load
+        held = lm if _serves(lm, model_name) else None
+        shape = preflight.ModelShape.of(held) if held else preflight.read_shape(model_name, dtype)
+        preflight.check_context(shape, points)
+        _check_memory(shape, points, {p: p.prompt_tokens or 0 for p in points}, options, held)
     bar = tqdm(total=len(todo), desc=spec.name, unit="trial", disable=not options.progress)
     with ResultsWriter(results_path) as writer:
-        for model_name in spec.model_names():
-            points = [p for p in all_points if p.model == model_name]
-            if unfinished.isdisjoint(points):
-                continue
-            model = lm if lm is not None and lm.name == model_name else load_model(model_name, spec.device, spec.dtype)
+        for model_name, points in to_load.items():
+            model = lm if _serves(lm, model_name) else load_model(model_name, spec.device, spec.dtype)
             provenance.check_model(out, existing, model_name, model.fingerprint)
             prompts = {p: _prompts_for(spec, model, p) for p in points}
             _check_points(model, points, prompts)
-            worst = preflight.estimate(model, points, {p: max(len(x.ids) for x in prompts[p]) for p in points})
-            preflight.check(worst, options.memory_limit or preflight.default_limit(model))
+            worst = _check_memory(preflight.ModelShape.of(model), points,
+                                  {p: max(len(x.ids) for x in prompts[p]) for p in points}, options, model)
             info["models"][model_name] = _model_info(model, worst)
             atomic_write_text(out / RUN_INFO, json.dumps(info, indent=2) + "\n")
             _measure_model(spec, model, points, prompts, todo, writer, bar)
@@ -91,6 +103,20 @@ def run_suite(spec: SuiteSpec, options: RunOptions, lm: LoadedModel | None = Non
     bar.close()
     skipped = spec.trials * len(all_points) - len(todo)
     return RunOutcome(out, len(todo), skipped, tuple(notes))
+
+
+def _serves(lm: LoadedModel | None, model_name: str) -> bool:
+    return lm is not None and lm.name == model_name
+
+
+def _check_memory(shape: preflight.ModelShape, points: list[Point], prompt_tokens: dict[Point, int],
+                  options: RunOptions, loaded: LoadedModel | None) -> preflight.Estimate:
+    """The largest point's estimate, refused over --memory-limit (default: 80% of what is available, counting
+    the weights `loaded` already holds as available to it)."""
+    worst = preflight.estimate(shape, points, prompt_tokens)
+    limit = options.memory_limit
+    preflight.check(worst, limit if limit is not None else preflight.default_limit(loaded.weight_bytes if loaded else 0))
+    return worst
 
 
 def _check_points(lm: LoadedModel, points: list[Point], prompts: dict[Point, list[Prompt]]) -> None:
@@ -201,14 +227,10 @@ def _record(spec, lm, point, strategy, trial: int, result: GenerationResult, war
 
 
 def _device_hint(lm: LoadedModel | None, spec: SuiteSpec):
-    from kvbench.device import resolve_device
-
     return lm.device if lm is not None else resolve_device(spec.device)
 
 
 def _run_info(spec: SuiteSpec, notes: list[str]) -> dict:
-    from kvbench.device import resolve_device
-
     return {
         "suite": spec.name,
         "spec": to_dict(spec),

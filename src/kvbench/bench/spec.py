@@ -56,6 +56,8 @@ def parse_strategy(entry: Any) -> StrategyRef:
             key, sep, value = pair.partition("=")
             if not sep:
                 raise KvbenchError(f"cannot read {pair!r} in strategy {entry!r}; write name:key=value")
+            if key in params:
+                raise KvbenchError(f"strategy {entry!r} sets {key} twice; keep one value")
             params[key] = yaml.safe_load(value)
         ref = StrategyRef(name, tuple(sorted(params.items())))
     else:
@@ -215,8 +217,11 @@ def load_suite(name_or_path: str) -> SuiteSpec:
         raise KvbenchError(f"suite {name_or_path!r} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise KvbenchError(f"suite {name_or_path!r} must be a YAML mapping")
-    if data.get("kind") in ("reuse", "traffic"):
-        from kvbench.bench.reuse_spec import spec_from_dict
+    if "kind" in data:
+        from kvbench.bench.reuse_spec import KINDS, spec_from_dict
 
+        if data["kind"] not in KINDS:
+            raise KvbenchError(f"suite {name_or_path!r} has unknown kind {data['kind']!r}; valid: {', '.join(KINDS)} "
+                               "(or no kind: a sweep of strategies)")
         return spec_from_dict(data)
     return from_dict(data)

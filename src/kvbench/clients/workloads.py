@@ -182,7 +182,7 @@ def _from_jsonl(path: Path, max_tokens: int, count: int) -> list[Request]:
 def read_conversations(path: Path) -> list[tuple[dict, ...]]:
     """Each usable line of a conversations file, cut after its first user message."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_bytes().splitlines()  # bytes: a line that is not UTF-8 is reported by its number
     except OSError as exc:
         raise KvbenchError(f"cannot read workload file {path}: {exc.strerror or exc}") from None
     conversations = []
@@ -190,7 +190,7 @@ def read_conversations(path: Path) -> list[tuple[dict, ...]]:
         if not line.strip():
             continue
         try:
-            conversations.append(_first_request(json.loads(line)))
+            conversations.append(_first_request(json.loads(line.decode("utf-8"))))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise KvbenchError(f"{path} line {number}: not a conversation ({exc}); expected "
                                '{"conversations": [{"from": "human", "value": "..."}]} or '

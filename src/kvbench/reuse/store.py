@@ -8,6 +8,8 @@ written to a temporary name and renamed into place (atomic on POSIX), so concurr
 a directory never see a half-written block (the last rename of a key wins; both writers computed the
 block's K/V from the same tokens). Each file carries a checksum of all its bytes and its own key: a
 corrupt, truncated or misnamed entry is a miss, is removed and logged, never a crash or a wrong answer.
+Anything under a block's name that is not a regular file (a directory, a link) is logged and left alone,
+and a directory deleted while a process runs turns its writes into logged failures to store.
 Budgets are per process: processes sharing a directory each keep theirs, and a block another process
 evicted is a plain miss.
 """
@@ -24,6 +26,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISREG
 
 import numpy as np
 import torch
@@ -194,8 +197,12 @@ class DiskTier:
         now, found = time.time(), []
         for path in self.dir.iterdir():
             try:
-                stat = path.stat()
+                stat = path.lstat()
             except FileNotFoundError:  # removed by another process meanwhile
+                continue
+            if not S_ISREG(stat.st_mode):  # a directory or a link named like a block is not ours to read or remove
+                if path.suffix == _SUFFIX:
+                    log.warning("kvbench reuse: ignoring %s in the disk tier: not a regular file", path)
                 continue
             if path.name.startswith(".tmp-") and now - stat.st_mtime > self.STALE_TEMP_S:
                 path.unlink(missing_ok=True)
@@ -260,8 +267,9 @@ class DiskTier:
         if self.budget is not None:
             while self.meta and self.stats.bytes + len(data) > self.budget:
                 self._evict()
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-", suffix=f"-{os.getpid()}")
-        try:
+        tmp = None
+        try:  # the directory itself may be gone (a user clearing the cache): a failed write, not a crash
+            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-", suffix=f"-{os.getpid()}")
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -269,7 +277,8 @@ class DiskTier:
                 _drop_page_cache(f.fileno())
             os.replace(tmp, self._path(key))
         except OSError as exc:
-            Path(tmp).unlink(missing_ok=True)
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
             raise KvbenchError(f"cannot write to the disk tier {self.dir}: {exc.strerror or exc}") from None
         self.meta[key] = (block.position, block.tokens, block.content, len(data))
         self.stats.bytes += len(data)
