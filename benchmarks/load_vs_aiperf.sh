@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # kvbench load against NVIDIA AIPerf 0.13 on the same llama.cpp server (llama-cpp-python on the embedded GGUF):
 # the same random workload sizes, one client after the other, then both clients' numbers side by side, with
-# the CPU time each client used. Not run yet in this repository: no numbers from it are recorded.
+# the CPU time each client used. Both send at a constant rate (kvbench: gamma arrivals of shape 10000, a 1%
+# spread; AIPerf: --arrival-pattern constant): with Poisson arrivals each tool draws its own schedule, and on a
+# one-thread server the requests that happen to bunch up queue, which moves TTFT and E2E by seconds.
 #
 # Needs `make setup setup-server` and AIPerf in its own venv (it needs no torch):
 #   python3 -m venv .venv-aiperf && .venv-aiperf/bin/pip install aiperf==0.13.0
@@ -32,7 +34,7 @@ rm -rf "$OUT" && mkdir -p "$OUT"
 
 # kvbench records its own CPU time per rate in run.json and summary.json
 .venv/bin/kvbench load --url "http://127.0.0.1:$PORT/v1" --model smollm2 --workload random --tokenizer smollm2-135m \
-    --prompt-tokens 128 --output-tokens 32 --request-rate "$RATE" --num-requests "$COUNT" --no-progress \
+    --prompt-tokens 128 --output-tokens 32 --request-rate "$RATE" --burstiness 10000 --num-requests "$COUNT" --no-progress \
     --out "$OUT/kvbench"
 
 # AIPerf runs several processes; /usr/bin/time sums the CPU of those it waited for. With HF_HUB_OFFLINE=1
@@ -40,7 +42,7 @@ rm -rf "$OUT" && mkdir -p "$OUT"
 env -u HF_HUB_OFFLINE /usr/bin/time -f "user_s %U system_s %S wall_s %e" -o "$OUT/aiperf-time.txt" \
     .venv-aiperf/bin/aiperf profile --model smollm2 --url "http://127.0.0.1:$PORT" --endpoint-type completions \
     --streaming --tokenizer "$TOKENIZER" --synthetic-input-tokens-mean 128 --synthetic-input-tokens-stddev 0 \
-    --output-tokens-mean 32 --output-tokens-stddev 0 --request-rate "$RATE" --request-count "$COUNT" \
+    --output-tokens-mean 32 --output-tokens-stddev 0 --request-rate "$RATE" --arrival-pattern constant --request-count "$COUNT" \
     --random-seed 0 --ui-type simple --artifact-dir "$OUT/aiperf"
 
 .venv/bin/python - "$OUT" <<'PY'
