@@ -148,14 +148,18 @@ class ScoredEviction(EvictionStrategy):
             yield
 
     def check_engaged(self, cache) -> None:
-        unobserved = [i for i, layer in enumerate(cache.layers) if layer.seen and not layer.observations]
+        self.check_observed(cache)
+        super().check_engaged(cache)
+
+    def check_observed(self, cache) -> None:
+        """Refuse a generation during which the hooks never fired on a layer that holds tokens."""
+        unobserved = [i for i, layer in enumerate(cache.layers) if layer.is_initialized and not layer.observations]
         if unobserved:
             raise NotEngaged(
                 f"{self.name}'s attention-score hooks never fired on layer(s) {', '.join(map(str, unobserved))}; "
                 "without scores it cannot choose tokens. If transformers changed how attention layers are called, "
                 "use a tested version (kvbench env)"
             )
-        super().check_engaged(cache)
 
     def observe(self, module: torch.nn.Module, hidden: torch.Tensor, rope, cache: Cache) -> None:
         """Called around `module`'s attention: hidden [batch, q_len, hidden], rope (cos, sin), the cache."""

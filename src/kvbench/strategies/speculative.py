@@ -102,14 +102,8 @@ class SpeculativeFetch(ScoredEviction):
         if hidden.shape[1] == 1:
             cache.layers[module.layer_idx].query = queries(module, hidden, rope)
 
-    def check_engaged(self, cache) -> None:
-        unobserved = [i for i, layer in enumerate(cache.layers) if layer.is_initialized and not layer.observations]
-        if unobserved:
-            raise NotEngaged(
-                f"speculative_fetch's pre-attention hooks never fired on layer(s) {', '.join(map(str, unobserved))}; "
-                "without a query it cannot choose what to fetch. If transformers changed how attention layers are "
-                "called, use a tested version (kvbench env)"
-            )
+    def check_engaged(self, cache) -> None:  # no eviction to check: only the hooks and the fetches
+        self.check_observed(cache)
         unscored = sum(layer.full_steps_unscored for layer in cache.layers)
         if unscored:
             raise NotEngaged(
