@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from kvbench.bench.records import RESULTS, RUN_INFO, atomic_write_text, read_records
+from kvbench.bench.records import RESULTS, atomic_write_text, read_records, read_run_info
 from kvbench.clients.aggregate import aggregate, prefix_effect
 from kvbench.errors import KvbenchError
 
@@ -18,7 +18,7 @@ def summarize_run(out: Path) -> dict:
     if not (out / RESULTS).exists():
         raise KvbenchError(f"{out} has no {RESULTS}; run kvbench load --out {out} first")
     records = read_records(out / RESULTS, strict=False)
-    info = _info(out)
+    info = read_run_info(out)
     slo = (info.get("config") or {}).get("slo")
     groups: dict[str, list[dict]] = {}
     for r in records:
@@ -40,7 +40,7 @@ def write_load_report(out: Path) -> Path:
     summary = summarize_run(out)
     atomic_write_text(out / SUMMARY, json.dumps(_null_non_finite(summary), indent=2, allow_nan=False))
     path = out / "report.md"
-    atomic_write_text(path, render(_info(out), summary))
+    atomic_write_text(path, render(read_run_info(out), summary))
     return path
 
 
@@ -73,10 +73,6 @@ def _null_non_finite(value: object) -> object:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def _info(out: Path) -> dict:
-    return json.loads((out / RUN_INFO).read_text()) if (out / RUN_INFO).exists() else {}
 
 
 def _f(x, digits: int = 1) -> str:
