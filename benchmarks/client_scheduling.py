@@ -1,7 +1,7 @@
 """How fast the load client schedules: requests/s it sustains and its send lag, against the fake server.
 
-The fake server (zero delay, `kvbench.clients.fake`) runs in its own process so that it does not
-share the client's interpreter; the client runs `kvbench.clients.loadgen.run_load` at each offered
+The fake server (zero delay, `kvbench.load.fake`) runs in its own process so that it does not
+share the client's interpreter; the client runs `kvbench.load.loadgen.run_load` at each offered
 rate and we read the achieved rate and the send lag (actual minus scheduled send) from its records.
 Run under the CPU lock:  flock /tmp/kvbench-cpu.lock .venv/bin/python benchmarks/client_scheduling.py
 `--out FILE.json` records the rows and the host (benchmarks/recorded/client-scheduling/results.json).
@@ -23,10 +23,10 @@ import httpx
 from kvbench.bench.environment import describe_host
 from kvbench.bench.metrics import summarize
 from kvbench.bench.records import atomic_write_text
-from kvbench.clients.arrivals import Arrivals
-from kvbench.clients.loadgen import run_load
-from kvbench.clients.stream import Endpoint
-from kvbench.clients.workloads import Request
+from kvbench.load.arrivals import Arrivals
+from kvbench.load.loadgen import run_load
+from kvbench.load.stream import Endpoint
+from kvbench.load.workloads import Request
 
 
 def free_port() -> int:
@@ -69,7 +69,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "kvbench.clients.fake", "--port", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "kvbench.load.fake", "--port", str(port)],
                               stdout=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}/v1"

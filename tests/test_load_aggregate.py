@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from kvbench.clients.aggregate import aggregate, meets_slo, parse_slo, prefix_effect
+from kvbench.load.aggregate import aggregate, meets_slo, parse_slo, prefix_effect
 from kvbench.errors import KvbenchError
 
 

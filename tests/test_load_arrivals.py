@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from kvbench.clients.arrivals import Arrivals, parse_rate
+from kvbench.load.arrivals import Arrivals, parse_rate
 from kvbench.errors import KvbenchError
 
 

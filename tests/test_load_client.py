@@ -13,12 +13,12 @@ from jinja2 import TemplateError
 
 from kvbench.bench.records import read_records
 from kvbench.cli import build_parser, load_config, main
-from kvbench.clients.fake import FakeConfig, FakeServer
-from kvbench.clients.loadgen import run_load
-from kvbench.clients.report import write_load_report
-from kvbench.clients.run import LoadConfig, client_cpu
-from kvbench.clients.stream import Endpoint, Trace, http_clients
-from kvbench.clients.workloads import LoadWorkload, Request, load_tokenizer
+from kvbench.load.fake import FakeConfig, FakeServer
+from kvbench.load.loadgen import run_load
+from kvbench.load.report import write_load_report
+from kvbench.load.run import LoadConfig, client_cpu
+from kvbench.load.stream import Endpoint, Trace, http_clients
+from kvbench.load.workloads import LoadWorkload, Request, load_tokenizer
 
 FAULTS = ("slow_first", "http_500", "malformed", "drop", "stall", "no_usage")
 
@@ -285,8 +285,8 @@ def test_a_second_ctrl_c_in_load_does_not_suggest_resume(tmp_path, capsys, monke
     def second_ctrl_c(out):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("kvbench.clients.run.run_load_config", measured_one_then_ctrl_c)
-    monkeypatch.setattr("kvbench.clients.report.write_load_report", second_ctrl_c)
+    monkeypatch.setattr("kvbench.load.run.run_load_config", measured_one_then_ctrl_c)
+    monkeypatch.setattr("kvbench.load.report.write_load_report", second_ctrl_c)
     path = conversations(tmp_path, ["hi"])
     assert main(["load", "--url", "http://127.0.0.1:9/v1", "--workload", str(path), "--out", str(out)]) == 130
     assert capsys.readouterr().err == (f"kvbench: interrupted; the requests already measured are kept in {out}; "
@@ -396,7 +396,7 @@ def test_ctrl_c_before_any_request_was_sent_reports_nothing(tmp_path, capsys, mo
     async def ctrl_c_during_the_probe(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("kvbench.clients.run.check_server", ctrl_c_during_the_probe)
+    monkeypatch.setattr("kvbench.load.run.check_server", ctrl_c_during_the_probe)
     path = conversations(tmp_path, ["hi"])
     with FakeServer() as url:
         code = main(["load", "--url", url, "--workload", str(path), "--out", str(tmp_path / "o"), "--no-progress"])

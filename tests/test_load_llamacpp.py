@@ -14,11 +14,11 @@ import httpx
 import pytest
 
 from kvbench.bench.records import read_records
-from kvbench.clients.loadgen import run_load
-from kvbench.clients.report import summarize_run
-from kvbench.clients.run import LoadConfig, run_load_config
-from kvbench.clients.stream import Endpoint
-from kvbench.clients.workloads import LoadWorkload, Request, load_tokenizer
+from kvbench.load.loadgen import run_load
+from kvbench.load.report import summarize_run
+from kvbench.load.run import LoadConfig, run_load_config
+from kvbench.load.stream import Endpoint
+from kvbench.load.workloads import LoadWorkload, Request, load_tokenizer
 from kvbench.models import embedded_gguf
 
 pytestmark = pytest.mark.server
@@ -113,7 +113,7 @@ def test_multi_byte_output_counts_equal_the_servers(llama_server, kind):
 
 
 def _requests(config: LoadConfig):
-    from kvbench.clients.workloads import build_requests, load_tokenizer
+    from kvbench.load.workloads import build_requests, load_tokenizer
 
     return build_requests(config.workload, config.num_requests, load_tokenizer(config.tokenizer))
 

@@ -1,4 +1,4 @@
-from kvbench.clients.prometheus import parse_metrics, server_deltas
+from kvbench.load.prometheus import parse_metrics, server_deltas
 
 BEFORE = """# HELP vllm:prefix_cache_queries Prefix cache queries, in terms of tokens.
 # TYPE vllm:prefix_cache_queries counter

@@ -4,8 +4,8 @@ from dataclasses import replace
 
 import pytest
 
-from kvbench.clients.run import DEFAULT_REQUESTS, LoadConfig, fit_context, rate_requests
-from kvbench.clients.workloads import LoadWorkload, build_requests, context_window, load_tokenizer, read_conversations
+from kvbench.load.run import DEFAULT_REQUESTS, LoadConfig, fit_context, rate_requests
+from kvbench.load.workloads import LoadWorkload, build_requests, context_window, load_tokenizer, read_conversations
 from kvbench.errors import KvbenchError
 
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from kvbench.errors import KvbenchError
 
 if TYPE_CHECKING:
-    from kvbench.clients.run import LoadConfig
+    from kvbench.load.run import LoadConfig
 
 
 def _defaults():
@@ -71,9 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_parser(sub) -> None:
-    from kvbench.clients.run import LoadConfig
-    from kvbench.clients.stream import ENDPOINTS
-    from kvbench.clients.workloads import KINDS, LoadWorkload
+    from kvbench.load.run import LoadConfig
+    from kvbench.load.stream import ENDPOINTS
+    from kvbench.load.workloads import KINDS, LoadWorkload
 
     cfg, wl = LoadConfig(url="http://x"), LoadWorkload()
     ld = sub.add_parser("load", help="open-loop load against an OpenAI-compatible server (vLLM, SGLang, llama.cpp, ...)")
@@ -324,7 +324,7 @@ def cmd_report(args) -> int:
         print(f"report: {write_reuse_report(args.out)}")
         return 0
     if kind == "load":
-        from kvbench.clients.report import one_line, write_load_report
+        from kvbench.load.report import one_line, write_load_report
 
         report = write_load_report(args.out)
         print(one_line(args.out))
@@ -338,10 +338,10 @@ def cmd_report(args) -> int:
 
 def load_config(args) -> LoadConfig:
     """The run's config from the parsed `kvbench load` flags (the flags' defaults are the config's)."""
-    from kvbench.clients.aggregate import parse_slo
-    from kvbench.clients.arrivals import parse_rate
-    from kvbench.clients.run import LoadConfig
-    from kvbench.clients.workloads import LoadWorkload
+    from kvbench.load.aggregate import parse_slo
+    from kvbench.load.arrivals import parse_rate
+    from kvbench.load.run import LoadConfig
+    from kvbench.load.workloads import LoadWorkload
 
     rates = args.request_rates.split(",") if args.request_rates else [args.request_rate]
     workload = LoadWorkload(
@@ -361,8 +361,8 @@ def load_config(args) -> LoadConfig:
 
 def cmd_load(args) -> int:
     from kvbench.bench.records import RESULTS, read_records
-    from kvbench.clients.report import failures_line, one_line, over_error_rate, summarize_run, write_load_report
-    from kvbench.clients.run import run_load_config
+    from kvbench.load.report import failures_line, one_line, over_error_rate, summarize_run, write_load_report
+    from kvbench.load.run import run_load_config
 
     config = load_config(args)
     out = args.out or Path("results") / "load"

@@ -6,8 +6,8 @@ import time
 
 import httpx
 
-from kvbench.clients.stream import Endpoint, Trace, stream_request
-from kvbench.clients.workloads import Request
+from kvbench.load.stream import Endpoint, Trace, stream_request
+from kvbench.load.workloads import Request
 from kvbench.errors import KvbenchError
 
 

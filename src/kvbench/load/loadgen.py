@@ -13,8 +13,8 @@ import contextlib
 import time
 from collections.abc import Callable
 
-from kvbench.clients.stream import Endpoint, Trace, http_clients, stream_request
-from kvbench.clients.workloads import Request, Tokenizer
+from kvbench.load.stream import Endpoint, Trace, http_clients, stream_request
+from kvbench.load.workloads import Request, Tokenizer
 
 
 async def run_load(

@@ -22,12 +22,12 @@ from tqdm import tqdm
 
 from kvbench.bench.environment import describe_host
 from kvbench.bench.records import RESULTS, RUN_INFO, ResultsWriter, atomic_write_text
-from kvbench.clients.arrivals import Arrivals
-from kvbench.clients.loadgen import run_load
-from kvbench.clients.probe import check_server, served_models
-from kvbench.clients.prometheus import scrape, server_deltas
-from kvbench.clients.stream import ENDPOINTS, Endpoint
-from kvbench.clients.workloads import (LoadWorkload, Request, Tokenizer, build_requests, context_window,
+from kvbench.load.arrivals import Arrivals
+from kvbench.load.loadgen import run_load
+from kvbench.load.probe import check_server, served_models
+from kvbench.load.prometheus import scrape, server_deltas
+from kvbench.load.stream import ENDPOINTS, Endpoint
+from kvbench.load.workloads import (LoadWorkload, Request, Tokenizer, build_requests, context_window,
                                       fitting_requests, load_tokenizer)
 from kvbench.errors import KvbenchError
 

@@ -18,7 +18,7 @@ as two HTTP chunks split inside that character. Prompt token counts are words. A
 - `drop`: the connection is closed mid-stream; `stall`: silence for `stall_s` after the first token;
 - `no_usage`: no usage chunk.
 `streaming=False` makes the whole server answer with plain JSON (a server that cannot stream).
-Run it alone with `python -m kvbench.clients.fake --port N`.
+Run it alone with `python -m kvbench.load.fake --port N`.
 """
 
 from __future__ import annotations

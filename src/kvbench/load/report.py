@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from kvbench.bench.records import RESULTS, atomic_write_text, read_records, read_run_info
-from kvbench.clients.aggregate import aggregate, prefix_effect
+from kvbench.load.aggregate import aggregate, prefix_effect
 from kvbench.errors import KvbenchError
 
 SUMMARY = "summary.json"
