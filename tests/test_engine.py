@@ -99,3 +99,14 @@ def test_the_model_runner_passes_the_cache_by_a_keyword_that_does_not_warn(tiny)
         warnings.simplefilter("error", FutureWarning)  # transformers' deprecations warn with FutureWarning
         logits = forward(tiny.model, torch.tensor([[5, 6, 7]]), cache=cache)
     assert logits.shape[:2] == (1, 1) and cache.get_seq_length() == 3
+
+
+def test_engine_does_not_import_reuse():
+    """Data flows one way: reuse provides prefill through the engine's PrefillSource, never the reverse."""
+    import subprocess
+    import sys
+
+    code = ("import sys, kvbench.engine, kvbench.engine.prefill; "
+            "print([m for m in sys.modules if m.startswith('kvbench.reuse') or m.startswith('kvbench.bench')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

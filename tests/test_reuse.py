@@ -8,7 +8,7 @@ import torch
 
 from kvbench.engine import GenerationConfig, generate
 from kvbench.engine.model_runner import forward
-from kvbench.engine.reuse import ReusingEngine
+from kvbench.reuse import ReusingEngine
 from kvbench.errors import KvbenchError
 from kvbench.reuse import ReuseCache, ReuseConfig
 from kvbench.reuse.blocks import Namespace, chain_keys, content_key, fingerprint, window_fingerprints

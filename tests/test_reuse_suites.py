@@ -128,7 +128,7 @@ def test_reuse_suite_runs_resumes_and_reports(tmp_path, capsys):
 @pytest.mark.slow
 def test_prefix_reuse_on_the_embedded_model_is_identical_over_32_tokens(embedded):
     from kvbench.bench.reuse_workloads import Texts, build
-    from kvbench.engine.reuse import ReusingEngine
+    from kvbench.reuse import ReusingEngine
     from kvbench.reuse import ReuseConfig
 
     requests = build("rag-prefix-500", Texts(embedded.tokenizer), 3)
@@ -145,7 +145,7 @@ def test_chunk_reuse_of_an_interior_document_agrees_with_no_reuse(embedded):
     """Approximate by design (the document's K/V were computed after another preamble): most, not
     all, requests keep every greedy token; measured 3 of 4 here, the suite publishes the rate."""
     from kvbench.bench.reuse_workloads import Texts, build
-    from kvbench.engine.reuse import ReusingEngine
+    from kvbench.reuse import ReusingEngine
     from kvbench.reuse import ReuseConfig
 
     requests = build("rag-interior-500", Texts(embedded.tokenizer), 5)

@@ -32,7 +32,7 @@ from kvbench.bench.runner import RunOptions, RunOutcome, prepare_out_dir
 from kvbench.device import resolve_device
 from kvbench.engine import GenerationConfig, GenerationResult, generate
 from kvbench.engine.generate import check_prompts
-from kvbench.engine.reuse import prefill_floor_ms
+from kvbench.engine.prefill import prefill_floor_ms
 from kvbench.errors import KvbenchError
 from kvbench.models import LoadedModel, load_model
 from kvbench.reuse import ReuseCache, ReuseConfig

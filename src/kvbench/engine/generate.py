@@ -8,7 +8,7 @@ from these raw timestamps by `kvbench.bench.metrics`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
@@ -20,8 +20,17 @@ from kvbench.errors import KvbenchError
 from kvbench.models import LoadedModel
 from kvbench.strategies.base import CacheStrategy
 
-if TYPE_CHECKING:
-    from kvbench.reuse import RequestReuse, ReuseCache
+
+class PrefillSource(Protocol):
+    """Prefill from somewhere other than the model alone (cross-request reuse, `kvbench.reuse.ReuseCache`).
+
+    `prefill` fills `cache` for `tokens` (inside the timed region) and returns the last position's logits
+    [1, vocab] and what it did (kept as `GenerationResult.reuse`); `after_request` runs after the
+    request (untimed), e.g. to store the prompt's blocks."""
+
+    def prefill(self, cache: Any, tokens: list[int]) -> tuple[torch.Tensor, Any]: ...
+
+    def after_request(self, cache: Any, tokens: list[int], outcome: Any) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -50,7 +59,7 @@ class GenerationResult:
     peak_mem_bytes: dict[str, int]  # phase -> bytes
     mem_kind: str
     notes: list[str] = field(default_factory=list)
-    reuse: RequestReuse | None = None  # what cross-request reuse did, when a reuse cache was given
+    reuse: Any = None  # what the PrefillSource reported (kvbench.reuse.RequestReuse), when one was given
 
     @property
     def batch_size(self) -> int:
@@ -90,13 +99,13 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tup
 @torch.inference_mode()
 def generate(
     lm: LoadedModel, strategy: CacheStrategy, prompts: list[list[int]], config: GenerationConfig,
-    reuse: ReuseCache | None = None,
+    reuse: PrefillSource | None = None,
 ) -> GenerationResult:
     """Generate up to `config.max_new_tokens` tokens for each prompt with the strategy's cache.
 
-    With `reuse`, prefill takes what the reuse cache holds of the prompt and computes only the rest
-    (inside the timed region: lookup and loading count towards TTFT), and the prompt's exactly
-    computed blocks are stored after the request (outside it).
+    With `reuse` (a PrefillSource such as a reuse cache), prefill takes what it holds of the prompt and
+    computes only the rest (inside the timed region: lookup and loading count towards TTFT); its
+    `after_request` runs after the timed region (a reuse cache stores the prompt's blocks there).
     """
     check_prompts(lm, prompts, config.max_new_tokens)
     if reuse is not None and (len(prompts) > 1 or strategy.name != "dynamic"):
@@ -151,7 +160,7 @@ def generate(
 
     strategy.check_engaged(cache)
     if reuse is not None:
-        reuse.store_blocks(cache, prompts[0], reused.exact_until)
+        reuse.after_request(cache, prompts[0], reused)
     return GenerationResult(
         tokens=_trim(torch.stack(generated, dim=1).tolist(), set(eos.tolist())),
         prompt_lengths=[len(p) for p in prompts],

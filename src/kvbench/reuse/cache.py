@@ -172,6 +172,10 @@ class ReuseCache:
         ids = torch.tensor([tokens], dtype=torch.long, device=self.lm.device)
         return assemble.blend_positions(self.lm, ids, covered, kv, runs, self.config.recompute_plan)
 
+    def after_request(self, cache, tokens: list[int], outcome: RequestReuse) -> None:
+        """The engine's call after a request (untimed): store the blocks it computed exactly."""
+        self.store_blocks(cache, tokens, outcome.exact_until)
+
     def store_blocks(self, cache, tokens: list[int], exact_until: int) -> int:
         """Store every full block of `tokens` before `exact_until` that the store lacks; returns how many."""
         bs = self.config.block_size

@@ -11,14 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from transformers import DynamicCache
-
-from kvbench.device import clock
 from kvbench.engine.generate import GenerationConfig, GenerationResult, generate
-from kvbench.engine.model_runner import forward
 from kvbench.models import LoadedModel
-from kvbench.reuse import RequestReuse, ReuseCache, ReuseConfig
+from kvbench.reuse.cache import RequestReuse, ReuseCache, ReuseConfig
 from kvbench.strategies import build_strategy
 
 
@@ -62,18 +57,3 @@ class ReusingEngine:
         reused = result.tokens[0]
         diverge = next((i for i, (a, b) in enumerate(zip(reference, reused)) if a != b), None)
         return Verification(diverge is None, diverge, reference, reused, result.reuse)
-
-
-@torch.inference_mode()
-def prefill_floor_ms(lm: LoadedModel, ids: list[int], cached: int) -> float:
-    """The floor of a warm prefill: the first `cached` tokens already in a ready cache (built untimed),
-    only the rest run through the model, and the first token is sampled. No lookup, no loading."""
-    device = lm.device
-    cache = DynamicCache(config=lm.config)
-    prompt = torch.tensor([ids], dtype=torch.long, device=device)
-    forward(lm.model, prompt[:, :cached], cache=cache)
-    start = clock(device)
-    logits = forward(lm.model, prompt[:, cached:], cache=cache,
-                     positions=torch.arange(cached, len(ids), device=device)[None])
-    logits[:, -1].argmax(-1).tolist()
-    return (clock(device) - start) * 1e3
