@@ -32,10 +32,10 @@ def write_suite(tmp_path, data: dict) -> str:
     ({"workload": {"kind": "text", "prompts": "Hello"}}, "workload key prompts must be a list, got 'Hello'"),
     ({"batch_sizes": 2}, "suite key batch_sizes must be a list, got 2"),
     ({"prompt_tokens": ["8"]}, "suite key prompt_tokens holds '8'; each item must be a whole number or null"),
-    ({"kind": "reuse", "break_even": 512}, "ReuseSuiteSpec key break_even must be a list, got 512"),
-    ({"kind": "reuse", "workloads": "code"}, "ReuseSuiteSpec key workloads must be a list, got 'code'"),
-    ({"kind": "reuse", "tiers": "disk"}, "ReuseSuiteSpec key tiers must be a list, got 'disk'"),
-    ({"kind": "traffic", "documents": "12"}, "TrafficSuiteSpec key documents must be a whole number, got '12'"),
+    ({"kind": "reuse", "break_even": 512}, "reuse key break_even must be a list, got 512"),
+    ({"kind": "reuse", "workloads": "code"}, "reuse key workloads must be a list, got 'code'"),
+    ({"kind": "reuse", "tiers": "disk"}, "reuse key tiers must be a list, got 'disk'"),
+    ({"kind": "traffic", "documents": "12"}, "traffic key documents must be a whole number, got '12'"),
 ])
 def test_suite_values_of_the_wrong_type_are_refused(data, message, tmp_path, capsys):
     assert message in one_line_error(["run", write_suite(tmp_path, {"name": "x", **data}), "--dry-run"], capsys)
@@ -61,7 +61,7 @@ def test_typed_fields_keep_what_their_annotations_allow():
 
 
 def test_a_float_field_takes_a_whole_number():
-    from kvbench.bench.reuse_spec import spec_from_dict
+    from kvbench.bench.spec import spec_from_dict
 
     assert spec_from_dict({"name": "x", "kind": "traffic", "zipf_s": 2, "ram_documents": 3}).zipf_s == 2
 
@@ -198,8 +198,8 @@ def test_memory_limits_that_are_no_size_are_refused(limit, message, capsys):
 
 @pytest.mark.parametrize("data, message", [
     ({"quick": 5}, "suite key quick must be a mapping, got 5"),
-    ({"kind": "reuse", "quick": 5}, "ReuseSuiteSpec key quick must be a mapping, got 5"),
-    ({"kind": "bogus"}, "has unknown kind 'bogus'; valid: reuse, traffic (or no kind: a sweep of strategies)"),
+    ({"kind": "reuse", "quick": 5}, "reuse key quick must be a mapping, got 5"),
+    ({"kind": "bogus"}, "unknown kind 'bogus'; valid: suite, reuse, traffic, load (no kind: suite)"),
     ({"strategies": ["h2o:budget=0.5:budget=0.9"]}, "strategy 'h2o:budget=0.5:budget=0.9' sets budget twice"),
 ])
 def test_suite_mistakes_are_named_for_what_they_are(data, message, tmp_path, capsys):

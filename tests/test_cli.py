@@ -27,7 +27,7 @@ def test_list_shows_models_strategies_and_suites(capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["run", "nope"], "unknown suite 'nope'; valid:"),
+        (["run", "nope"], "unknown spec 'nope'; valid:"),
         (["run", "prompt-sweep", "--strategies", "fast"], "unknown strategy 'fast'; valid:"),
         (["generate", "hi", "--strategy", "fast"], "unknown strategy 'fast'; valid:"),
         (["generate", "hi", "--model", "synthetic:huge"], "unknown synthetic preset 'huge'; valid: tiny"),

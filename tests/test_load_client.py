@@ -12,11 +12,12 @@ import pytest
 from jinja2 import TemplateError
 
 from kvbench.bench.records import read_records
-from kvbench.cli import build_parser, load_config, main
+from kvbench.cli import build_parser, load_spec_from_flags, main
 from kvbench.load.fake import FakeConfig, FakeServer
 from kvbench.load.loadgen import run_load
 from kvbench.load.report import write_load_report
-from kvbench.load.run import LoadConfig, client_cpu
+from kvbench.load.session import client_cpu
+from kvbench.load.spec import LoadSpec
 from kvbench.load.stream import Endpoint, Trace, http_clients
 from kvbench.load.workloads import LoadWorkload, Request, load_tokenizer
 
@@ -227,13 +228,13 @@ def test_load_command_writes_records_summary_and_report(tmp_path, capsys):
     assert inf["good_requests"] == 2 and inf["prompt_tokens"] == 5 and inf["output_tokens"] == 6
     assert "ttft_ms.p99" in inf and "itl_ms.p50" in inf and "send_lag_ms.p99" in inf
     info = json.loads((out / "run.json").read_text())
-    assert info["partial"] is False and info["server"]["model"] == "fake-model"
+    assert info["complete"] is True and info["server"]["model"] == "fake-model"
     metrics = info["points"]["inf"]["server_metrics"]
     assert metrics["available"] and metrics["counters"]["vllm:prefix_cache_queries_total"] == 5
     report = (out / "report.md").read_text()
     assert "| inf | 2 / 3 / 3 |" in report and "http_500" in report and "PARTIAL" not in report
     stdout = capsys.readouterr().out
-    assert "requests measured" in stdout
+    assert "points measured" in stdout
     assert "\nfailed: rate inf 1 of 3 (http_500 1); rate 50 1 of 3 (http_500 1)\n" in stdout
     for point in (info["points"]["inf"], inf):  # run.json and summary.json
         assert 0 < point["client_cpu_s"] and 0 < point["client_cpu_share"]
@@ -274,23 +275,22 @@ def test_max_error_rate_fails_the_command_but_keeps_records_and_report(limit, ov
                                 f"the records and report are in {out}\n")
 
 
-def test_a_second_ctrl_c_in_load_does_not_suggest_resume(tmp_path, capsys, monkeypatch):
+def test_a_second_ctrl_c_during_the_partial_report_still_exits_130(tmp_path, capsys, monkeypatch):
     out = tmp_path / "o"
 
-    def measured_one_then_ctrl_c(config, out, progress):
-        out.mkdir()
-        (out / "results.jsonl").write_text(json.dumps({"request_rate": "inf", "status": "ok"}) + "\n")
+    def measured_one_then_ctrl_c(spec, options):
+        options.out.mkdir()
+        (options.out / "results.jsonl").write_text(json.dumps({"request_rate": "inf", "status": "ok"}) + "\n")
         raise KeyboardInterrupt
 
     def second_ctrl_c(out):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("kvbench.load.run.run_load_config", measured_one_then_ctrl_c)
+    monkeypatch.setattr("kvbench.bench.runner.run", measured_one_then_ctrl_c)
     monkeypatch.setattr("kvbench.load.report.write_load_report", second_ctrl_c)
     path = conversations(tmp_path, ["hi"])
     assert main(["load", "--url", "http://127.0.0.1:9/v1", "--workload", str(path), "--out", str(out)]) == 130
-    assert capsys.readouterr().err == (f"kvbench: interrupted; the requests already measured are kept in {out}; "
-                                       f"`kvbench report {out}` writes their report\n")
+    assert capsys.readouterr().err == "kvbench: interrupted; every record already measured is kept (rerun with --resume)\n"
 
 
 @pytest.mark.parametrize("workload", ["random", "prefix-repetition", "reuse:rag-prefix-100", "jsonl"])
@@ -311,7 +311,7 @@ def test_each_rate_sends_its_own_prompts_unless_asked_for_the_same(workload, tmp
         assert len(first) == 3 == len(second)
         seen[same] = first, second
         info, summary = (json.loads((out / name).read_text()) for name in ("run.json", "summary.json"))
-        assert info["config"]["same_prompts_each_rate"] is summary["same_prompts_each_rate"] is same
+        assert info["spec"]["same_prompts_each_rate"] is summary["same_prompts_each_rate"] is same
     assert seen[False][0].isdisjoint(seen[False][1])
     assert seen[True][0] == seen[True][1]
 
@@ -337,7 +337,7 @@ def test_a_conversation_file_too_short_for_every_rate_to_send_its_own_is_refused
 
 def test_load_flag_defaults_equal_config_defaults():
     args = build_parser().parse_args(["load", "--url", "http://127.0.0.1:1/v1"])
-    config, default = load_config(args), LoadConfig(url="http://127.0.0.1:1/v1")
+    config, default = load_spec_from_flags(args), LoadSpec(url="http://127.0.0.1:1/v1")
     assert config == default
     assert config.workload == LoadWorkload()
 
@@ -396,12 +396,12 @@ def test_ctrl_c_before_any_request_was_sent_reports_nothing(tmp_path, capsys, mo
     async def ctrl_c_during_the_probe(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("kvbench.load.run.check_server", ctrl_c_during_the_probe)
+    monkeypatch.setattr("kvbench.load.session.check_server", ctrl_c_during_the_probe)
     path = conversations(tmp_path, ["hi"])
     with FakeServer() as url:
         code = main(["load", "--url", url, "--workload", str(path), "--out", str(tmp_path / "o"), "--no-progress"])
     assert code == 130
-    assert capsys.readouterr().err == "kvbench: interrupted before any request was sent; nothing to report\n"
+    assert capsys.readouterr().err == "kvbench: interrupted before anything was measured; nothing to report\n"
 
 
 def test_a_server_that_does_not_stream_is_refused(tmp_path, capsys):
@@ -432,5 +432,5 @@ def test_ctrl_c_keeps_the_measured_requests_and_marks_the_report_partial(tmp_pat
     records = read_records(out / "results.jsonl")
     assert sorted(r["status"] for r in records) == ["interrupted"] * 3 + ["ok"] * 3
     assert all(r["ttft_ms"] is not None for r in records)  # the stalled requests had their first token
-    assert json.loads((out / "run.json").read_text())["partial"] is True
+    assert json.loads((out / "run.json").read_text())["complete"] is False
     assert "PARTIAL" in (out / "report.md").read_text()

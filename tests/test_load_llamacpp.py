@@ -16,7 +16,8 @@ import pytest
 from kvbench.bench.records import read_records
 from kvbench.load.loadgen import run_load
 from kvbench.load.report import summarize_run
-from kvbench.load.run import LoadConfig, run_load_config
+from kvbench.bench.runner import RunOptions, run
+from kvbench.load.spec import LoadSpec
 from kvbench.load.stream import Endpoint
 from kvbench.load.workloads import LoadWorkload, Request, load_tokenizer
 from kvbench.models import embedded_gguf
@@ -72,10 +73,11 @@ def usage_of(url: str, prompt: str, max_tokens: int) -> dict:
 
 def test_random_load_succeeds_and_counts_match_the_server(llama_server, tmp_path):
     out = tmp_path / "random"
-    config = LoadConfig(url=llama_server, model=MODEL, workload=LoadWorkload(prompt_tokens=48, output_tokens=12),
+    config = LoadSpec(url=llama_server, model=MODEL, workload=LoadWorkload(prompt_tokens=48, output_tokens=12),
                         request_rates=(4.0,), num_requests=6, tokenizer="smollm2-135m", timeout_s=120)
-    outcome = run_load_config(config, out, progress=False)
-    assert (outcome.records, outcome.partial) == (6, False)
+    outcome = run(config, RunOptions(out=out, progress=False))
+    assert outcome.complete and outcome.measured == 1
+    assert json.loads((out / "run.json").read_text())["complete"]
     records = read_records(out / "results.jsonl")
     assert [r["status"] for r in records] == ["ok"] * 6
     prompts = {i: r.prompt for i, r in enumerate(_requests(config))}
@@ -112,7 +114,7 @@ def test_multi_byte_output_counts_equal_the_servers(llama_server, kind):
     assert record["output_tokens"] == server
 
 
-def _requests(config: LoadConfig):
+def _requests(config: LoadSpec):
     from kvbench.load.workloads import build_requests, load_tokenizer
 
     return build_requests(config.workload, config.num_requests, load_tokenizer(config.tokenizer))
@@ -123,9 +125,9 @@ def test_prefix_repetition_shows_the_servers_prefix_cache_in_ttft(llama_server, 
     workload = LoadWorkload(kind="prefix-repetition", prefixes=2, suffixes=3, prefix_tokens=384, prompt_tokens=16,
                             output_tokens=4)
     # one request at a time: llama-cpp-python keeps the previous request's KV and reuses its common prefix
-    config = LoadConfig(url=llama_server, model=MODEL, endpoint="chat", workload=workload, max_concurrency=1,
+    config = LoadSpec(url=llama_server, model=MODEL, endpoint="chat", workload=workload, max_concurrency=1,
                         tokenizer="smollm2-135m", timeout_s=120)
-    run_load_config(config, out, progress=False)
+    run(config, RunOptions(out=out, progress=False))
     point = summarize_run(out)["points"]["inf"]
     assert point["completed"] == 6 and point["failed"] == 0
     # a behaviour check within one run: prefilling a new 384-token prefix must cost clearly more

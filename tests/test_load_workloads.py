@@ -4,7 +4,8 @@ from dataclasses import replace
 
 import pytest
 
-from kvbench.load.run import DEFAULT_REQUESTS, LoadConfig, fit_context, rate_requests
+from kvbench.load.session import fit_context, rate_requests
+from kvbench.load.spec import DEFAULT_REQUESTS, LoadSpec
 from kvbench.load.workloads import LoadWorkload, build_requests, context_window, load_tokenizer, read_conversations
 from kvbench.errors import KvbenchError
 
@@ -115,7 +116,7 @@ def test_reuse_suite_sequences_as_load_workloads():
 def test_reuse_load_counts_fit_the_context_window():
     tok = CharTokenizer()
     tok.model_max_length = 2000
-    config = LoadConfig(url="http://x", workload=LoadWorkload(kind="reuse:multi-turn", output_tokens=10))
+    config = LoadSpec(url="http://x", workload=LoadWorkload(kind="reuse:multi-turn", output_tokens=10))
     schedules = {"inf": config.schedule(math.inf)}
     requests = rate_requests(config, {"inf": len(schedules["inf"])}, tok)
     assert fit_context(config, requests, schedules, tok) == 2000

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from kvbench.bench import runner
+from kvbench.bench import suite_session
 from kvbench.bench.preflight import ModelShape, estimate, human_bytes, parse_bytes, read_shape
-from kvbench.bench.runner import RunOptions, run_suite
-from kvbench.bench.spec import from_dict
+from kvbench.bench.runner import RunOptions, run
+from kvbench.bench.spec import spec_from_dict
 from kvbench.cli import main
 from kvbench.errors import KvbenchError
 
@@ -23,7 +23,7 @@ def test_human_bytes():
 
 
 def test_estimate_picks_the_largest_point(tiny):
-    spec = from_dict({"name": "x", "strategies": ["dynamic"], "prompt_tokens": [16, 256], "batch_sizes": [1, 4],
+    spec = spec_from_dict({"name": "x", "strategies": ["dynamic"], "prompt_tokens": [16, 256], "batch_sizes": [1, 4],
                       "output_tokens": [8]})
     e = estimate(ModelShape.of(tiny), spec.points(), {p: p.prompt_tokens for p in spec.points()})
     assert (e.point.prompt_tokens, e.point.batch_size) == (256, 4)
@@ -50,17 +50,17 @@ def _no_loading(monkeypatch) -> list[str]:
         loaded.append(name)
         raise AssertionError(f"{name} was loaded before the sweep was refused")
 
-    monkeypatch.setattr(runner, "load_model", load_model)
+    monkeypatch.setattr(suite_session, "load_model", load_model)
     return loaded
 
 
 def test_a_sweep_is_refused_for_its_largest_model_before_any_weights_load(monkeypatch, tmp_path):
     """A multi-model sweep used to measure the models that fit before refusing a later one."""
     loaded = _no_loading(monkeypatch)
-    spec = from_dict({"name": "x", "models": ["synthetic:tiny", "synthetic:1b"], "device": "cpu",
+    spec = spec_from_dict({"name": "x", "models": ["synthetic:tiny", "synthetic:1b"], "device": "cpu",
                       "workload": {"kind": "synthetic"}, "prompt_tokens": [16], "output_tokens": [4], "trials": 1})
     with pytest.raises(KvbenchError, match=r"refusing to run: the largest point \(synthetic:1b/dynamic/p16/o4/b1\)"):
-        run_suite(spec, RunOptions(out=tmp_path / "out", progress=False, memory_limit=10**9))
+        run(spec, RunOptions(out=tmp_path / "out", progress=False, memory_limit=10**9))
     assert loaded == [] and not (tmp_path / "out" / "results.jsonl").exists()
 
 

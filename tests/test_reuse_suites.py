@@ -6,17 +6,17 @@ from collections import Counter
 import pytest
 
 from kvbench.bench.reuse_report import break_even, mode_rows
-from kvbench.bench.reuse_runner import (disk_tier_dir, drop_cut_sequences, ram_budget, run_reuse_suite, stream_order,
-                                        sweep_dead_disk_tiers)
-from kvbench.bench.reuse_spec import ReuseSuiteSpec, TrafficSuiteSpec, parse_mode, spec_from_dict
-from kvbench.bench.runner import RunOptions
-from kvbench.bench.spec import load_suite
+from kvbench.bench.reuse_session import (ReuseSession, disk_tier_dir, ram_budget, sequence_length, stream_order,
+                                         sweep_dead_disk_tiers)
+from kvbench.bench.reuse_spec import ReuseSuiteSpec, TrafficSuiteSpec, parse_mode
+from kvbench.bench.runner import RunOptions, drop_cut, run
+from kvbench.bench.spec import load_spec, spec_from_dict
 from kvbench.cli import main
 from kvbench.errors import KvbenchError
 
 
 def test_shipped_reuse_suites_load_and_list_their_sequences():
-    reuse, traffic = load_suite("reuse"), load_suite("traffic")
+    reuse, traffic = load_spec("reuse"), load_spec("traffic")
     assert isinstance(reuse, ReuseSuiteSpec) and isinstance(traffic, TrafficSuiteSpec)
     keys = [p.key for p in reuse.points()]
     assert keys[0] == "system-prompt/none/-" and "rag-interior-2000/chunk:cacheblend/ram" in keys
@@ -32,17 +32,17 @@ def test_shipped_reuse_suites_load_and_list_their_sequences():
     ({"modes": ["none", "prefix", "prefix"]}, "must not repeat"),
     ({"blend_fraction": 0}, "blend_fraction"),
     ({"tiers": ["nvme"]}, "valid: ram, disk"),
-    ({"colour": "red"}, "unknown ReuseSuiteSpec key"),
+    ({"colour": "red"}, "unknown reuse key"),
 ])
 def test_bad_reuse_specs_are_refused(data, message):
     with pytest.raises(KvbenchError, match=message):
         spec_from_dict({"name": "x", "kind": "reuse", **data})
 
 
-@pytest.mark.parametrize("flag", [["--strategies", "dynamic"], ["--warmup", "2"], ["--memory-limit", "1GB"]])
+@pytest.mark.parametrize("flag", [["--strategies", "dynamic"], ["--warmup", "2"]])
 def test_reuse_suites_refuse_flags_they_would_ignore(flag, capsys):
     assert main(["run", "reuse", "--dry-run", *flag]) == 2
-    assert "takes no --strategies, --warmup or --memory-limit" in capsys.readouterr().err
+    assert capsys.readouterr().err == f"kvbench: error: 'reuse' is a reuse spec: it takes no {flag[0]}\n"
 
 
 def test_parse_mode():
@@ -67,7 +67,7 @@ def test_traffic_ram_budget_holds_exactly_ram_documents_documents():
 
     from kvbench.reuse.store import Block, RamTier
 
-    spec = load_suite("traffic")  # 256-token documents, 64-token blocks, RAM for 4 documents
+    spec = load_spec("traffic")  # 256-token documents, 64-token blocks, RAM for 4 documents
     prompt = spec.document_tokens + 16  # "Document: ", document, question (smollm2): 4 full blocks + 16 tokens
     per_token = 8
     ram = RamTier(ram_budget(spec, prompt, per_token))
@@ -159,11 +159,16 @@ def test_chunk_reuse_of_an_interior_document_agrees_with_no_reuse(embedded):
 def _reuse_run(tmp_path, lm, trials=1, **options):
     spec = spec_from_dict({"name": "r", "kind": "reuse", "device": "cpu", "workloads": ["rag-prefix-64"],
                            "modes": ["none", "prefix"], "requests": 3, "output_tokens": 2, "trials": trials})
-    return run_reuse_suite(spec, RunOptions(out=tmp_path / "out", progress=False, **options), lm=lm)
+    options = RunOptions(out=tmp_path / "out", progress=False, **options)
+    return run(spec, options, ReuseSession(spec, options, lm))
 
 
 def test_reuse_suites_take_repair(capsys):
     assert main(["run", "reuse", "--dry-run", "--repair"]) == 0
+
+
+def _sizes(spec) -> dict[str, int]:
+    return {p.key: sequence_length(spec, p.workload) for p in spec.points()}
 
 
 def test_records_of_a_sequence_cut_mid_way_are_dropped_from_the_results(tmp_path, capsys):
@@ -175,11 +180,11 @@ def test_records_of_a_sequence_cut_mid_way_are_dropped_from_the_results(tmp_path
                for i in range(n)]
     path = tmp_path / "results.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    kept = drop_cut_sequences(path, spec, records)
+    kept = drop_cut(path, records, _sizes(spec))
     assert {(r["point"], r["trial"]) for r in kept} == {("rag-prefix-64/none/-", 0), ("multi-turn/none/-", 0),
                                                          ("multi-turn/none/-", 1)}
     assert [json.loads(line) for line in path.read_text().splitlines()] == kept and len(kept) == 7
-    assert "dropped 3 record(s) of 2 sequence(s) cut mid-way" in capsys.readouterr().out
+    assert "dropped 3 record(s) of 2 measurement(s) cut mid-way" in capsys.readouterr().out
 
 
 def test_a_sequence_is_done_only_when_every_request_is_recorded(tmp_path, capsys):
@@ -190,9 +195,9 @@ def test_a_sequence_is_done_only_when_every_request_is_recorded(tmp_path, capsys
                for i in indices]  # three records, but request 1 missing: not done
     path = tmp_path / "results.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    kept = drop_cut_sequences(path, spec, records)
+    kept = drop_cut(path, records, _sizes(spec))
     assert {r["point"] for r in kept} == {"rag-prefix-64/none/-"} and len(kept) == 3
-    assert "dropped 3 record(s) of 1 sequence(s) cut mid-way" in capsys.readouterr().out
+    assert "dropped 3 record(s) of 1 measurement(s) cut mid-way" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -242,7 +247,7 @@ def test_a_reuse_sequence_cut_mid_way_is_measured_again_from_its_first_request(t
     capsys.readouterr()
     outcome = _reuse_run(tmp_path, embedded, resume=True, repair=True)
     out = capsys.readouterr().out
-    assert "dropped 1 corrupt or repeated line(s)" in out and "dropped 1 record(s) of 1 sequence(s) cut mid-way" in out
+    assert "dropped 1 corrupt or repeated line(s)" in out and "dropped 1 record(s) of 1 measurement(s) cut mid-way" in out
     assert (outcome.measured, outcome.skipped) == (1, 1)
     records = [json.loads(line) for line in results.read_text().splitlines()]
     assert sorted((r["point"], r["request_index"]) for r in records) == \

@@ -4,8 +4,9 @@ import pytest
 
 from kvbench.bench.records import read_records
 from kvbench.bench.report import write_report
-from kvbench.bench.runner import RunOptions, run_suite
-from kvbench.bench.spec import load_suite
+from kvbench.bench.runner import RunOptions, run
+from kvbench.bench.spec import load_spec
+from kvbench.bench.suite_session import SuiteSession
 from kvbench.errors import KvbenchError
 
 FIELDS = {"suite", "strategy", "model", "prompt_tokens", "output_tokens", "batch_size", "trial", "ttft_ms", "tpot_ms",
@@ -13,11 +14,12 @@ FIELDS = {"suite", "strategy", "model", "prompt_tokens", "output_tokens", "batch
 
 
 def _run(spec, out, tiny, **kw):
-    return run_suite(spec, RunOptions(out=out, progress=False, **kw), lm=tiny)
+    options = RunOptions(out=out, progress=False, **kw)
+    return run(spec, options, SuiteSession(spec, options, tiny))
 
 
 def test_run_writes_one_record_per_trial(tiny_suite, tmp_path, tiny):
-    spec = load_suite(str(tiny_suite))
+    spec = load_spec(str(tiny_suite))
     outcome = _run(spec, tmp_path / "out", tiny)
     records = read_records(tmp_path / "out" / "results.jsonl")
     measured = [r for r in records if not r["warmup"]]
@@ -32,9 +34,9 @@ def test_run_writes_one_record_per_trial(tiny_suite, tmp_path, tiny):
 
 
 def test_resume_skips_measured_trials(tiny_suite, tmp_path, tiny):
-    spec = load_suite(str(tiny_suite))
+    spec = load_spec(str(tiny_suite))
     out = tmp_path / "out"
-    _run(spec.with_overrides(trials=1), out, tiny)
+    _run(spec.resolved(trials=1), out, tiny)
     outcome = _run(spec, out, tiny, resume=True)  # two trials wanted, one already there
     assert (outcome.measured, outcome.skipped) == (4, 4)
     again = _run(spec, out, tiny, resume=True)
@@ -45,17 +47,17 @@ def test_resume_skips_measured_trials(tiny_suite, tmp_path, tiny):
 
 
 def test_existing_results_need_resume(tiny_suite, tmp_path, tiny):
-    spec = load_suite(str(tiny_suite))
-    _run(spec.with_overrides(trials=1), tmp_path / "out", tiny)
+    spec = load_spec(str(tiny_suite))
+    _run(spec.resolved(trials=1), tmp_path / "out", tiny)
     with pytest.raises(KvbenchError, match="--resume"):
         _run(spec, tmp_path / "out", tiny)
 
 
 def test_resume_refuses_a_different_sweep(tiny_suite, tmp_path, tiny):
-    spec = load_suite(str(tiny_suite))
-    _run(spec.with_overrides(trials=1), tmp_path / "out", tiny)
+    spec = load_spec(str(tiny_suite))
+    _run(spec.resolved(trials=1), tmp_path / "out", tiny)
     with pytest.raises(KvbenchError, match="different sweep"):
-        _run(spec.with_overrides(prompt_tokens=[8]), tmp_path / "out", tiny, resume=True)
+        _run(spec.resolved(prompt_tokens=[8]), tmp_path / "out", tiny, resume=True)
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -64,9 +66,9 @@ def test_resume_refuses_a_different_sweep(tiny_suite, tmp_path, tiny):
     ("fingerprint", "feedbeef", r"synthetic:tiny with other weights \(fingerprint feedbeef, now "),
 ])
 def test_resume_refuses_another_kvbench_or_other_weights(tiny_suite, tmp_path, tiny, field, value, message):
-    spec = load_suite(str(tiny_suite))
+    spec = load_spec(str(tiny_suite))
     out = tmp_path / "out"
-    _run(spec.with_overrides(trials=1), out, tiny)
+    _run(spec.resolved(trials=1), out, tiny)
     info = json.loads((out / "run.json").read_text())
     (info["models"]["synthetic:tiny"] if field == "fingerprint" else info["environment"])[field] = value
     (out / "run.json").write_text(json.dumps(info))
@@ -76,9 +78,9 @@ def test_resume_refuses_another_kvbench_or_other_weights(tiny_suite, tmp_path, t
 
 
 def test_resume_keeps_every_part_in_run_json(tiny_suite, tmp_path, tiny):
-    spec = load_suite(str(tiny_suite))
+    spec = load_spec(str(tiny_suite))
     out = tmp_path / "out"
-    _run(spec.with_overrides(trials=1), out, tiny)
+    _run(spec.resolved(trials=1), out, tiny)
     first = json.loads((out / "run.json").read_text())
     _run(spec, out, tiny, resume=True)
     parts = json.loads((out / "run.json").read_text())["parts"]
@@ -88,7 +90,7 @@ def test_resume_keeps_every_part_in_run_json(tiny_suite, tmp_path, tiny):
 
 @pytest.mark.parametrize("bad", [b'{"suite": "tiny", "trunc', b'{"suite": "tiny\xff\xfe"}\n'])  # cut off; not UTF-8
 def test_corrupt_line_is_reported_and_repair_keeps_good_records(bad, tiny_suite, tmp_path, tiny):
-    spec = load_suite(str(tiny_suite)).with_overrides(trials=1)
+    spec = load_spec(str(tiny_suite)).resolved(trials=1)
     out = tmp_path / "out"
     _run(spec, out, tiny)
     results = out / "results.jsonl"
@@ -99,7 +101,7 @@ def test_corrupt_line_is_reported_and_repair_keeps_good_records(bad, tiny_suite,
     with pytest.raises(KvbenchError, match=rf"line {good + 1} is not a valid JSON record .*{good} good records kept"):
         _run(spec, out, tiny, resume=True)
     assert len(read_records(results, strict=False)) == good
-    outcome = _run(spec.with_overrides(trials=2), out, tiny, resume=True, repair=True)
+    outcome = _run(spec.resolved(trials=2), out, tiny, resume=True, repair=True)
     assert outcome.skipped == 4 and outcome.measured == 4
 
 
@@ -107,18 +109,18 @@ def test_unwritable_output_dir(tiny_suite, tmp_path, tiny):
     blocker = tmp_path / "file"
     blocker.write_text("not a dir")
     with pytest.raises(KvbenchError, match="cannot write to output dir"):
-        _run(load_suite(str(tiny_suite)), blocker / "out", tiny)
+        _run(load_spec(str(tiny_suite)), blocker / "out", tiny)
 
 
 def test_preflight_refuses_a_sweep_over_the_memory_limit(tiny_suite, tmp_path, tiny):
     with pytest.raises(KvbenchError, match=r"refusing to run: the largest point \(.*p32.*\).*Shrink the sweep"):
-        _run(load_suite(str(tiny_suite)), tmp_path / "out", tiny, memory_limit=10_000)
+        _run(load_spec(str(tiny_suite)), tmp_path / "out", tiny, memory_limit=10_000)
     assert not (tmp_path / "out" / "results.jsonl").exists() or (tmp_path / "out" / "results.jsonl").stat().st_size == 0
 
 
 def test_report_reads_records_only(tiny_suite, tmp_path, tiny):
     out = tmp_path / "out"
-    _run(load_suite(str(tiny_suite)), out, tiny)
+    _run(load_spec(str(tiny_suite)), out, tiny)
     report = write_report(out).read_text()
     assert "| dynamic/p16/o4/b1 | 2 |" in report
     assert "Speedup against `no_cache`" in report
@@ -129,7 +131,7 @@ def test_report_reads_records_only(tiny_suite, tmp_path, tiny):
 
 def test_a_report_counts_each_trial_once_when_two_runs_wrote_it(tiny_suite, tmp_path, tiny):
     out = tmp_path / "out"
-    _run(load_suite(str(tiny_suite)), out, tiny)
+    _run(load_spec(str(tiny_suite)), out, tiny)
     results = out / "results.jsonl"
     results.write_text(results.read_text() * 2)  # two runs on one --out, before runs locked it
     assert "| dynamic/p16/o4/b1 | 2 |" in write_report(out).read_text()
@@ -141,7 +143,7 @@ def test_report_without_results_says_what_to_do(tmp_path):
 
 
 def test_strategies_take_turns_within_a_shape(tiny_suite, tmp_path, tiny):
-    _run(load_suite(str(tiny_suite)), tmp_path / "out", tiny)
+    _run(load_spec(str(tiny_suite)), tmp_path / "out", tiny)
     measured = [r for r in read_records(tmp_path / "out" / "results.jsonl") if not r["warmup"]]
     order = [(r["strategy"], r["trial"]) for r in measured if r["target_prompt_tokens"] == 16]
     assert order == [("no_cache", 0), ("dynamic", 0), ("no_cache", 1), ("dynamic", 1)]
@@ -152,7 +154,7 @@ def test_quality_is_measured_against_dynamic(tmp_path, tiny):
 
     tiny.model.save_pretrained(tmp_path / "model")  # a local model dir counts as real weights
     lm = load_model(str(tmp_path / "model"), device="cpu")
-    spec = load_suite(str(_write_suite(tmp_path, f"""
+    spec = load_spec(str(_write_suite(tmp_path, f"""
 name: quality
 model: {tmp_path / 'model'}
 workload: {{kind: synthetic}}

@@ -1,6 +1,6 @@
 import pytest
 
-from kvbench.bench.spec import from_dict, load_suite, suite_names
+from kvbench.bench.spec import load_spec, spec_from_dict, spec_names
 from kvbench.errors import KvbenchError
 from kvbench.strategies import STRATEGIES
 
@@ -8,65 +8,65 @@ REFERENCE_SUITES = {"cache-vs-nocache", "prompt-sweep", "strategy-sweep", "decod
 
 
 def test_reference_suites_ship_and_load():
-    assert REFERENCE_SUITES <= set(suite_names())
-    for name in suite_names():
-        spec = load_suite(name)
+    assert REFERENCE_SUITES <= set(spec_names())
+    for name in spec_names():
+        spec = load_spec(name)
         assert spec.name == name
         assert spec.points()
         assert spec.resolved(quick=True).points()
 
 
 def test_strategy_sweep_covers_every_registered_strategy():
-    assert {s.name for s in load_suite("strategy-sweep").strategies} == set(STRATEGIES.names())
+    assert {s.name for s in load_spec("strategy-sweep").strategies} == set(STRATEGIES.names())
 
 
 def test_decode_micro_isolates_decode():
-    spec = load_suite("decode-micro")
+    spec = load_spec("decode-micro")
     assert spec.prompt_tokens == (512,) and spec.output_tokens == (64,)
 
 
 def test_unknown_suite_lists_valid_names():
-    with pytest.raises(KvbenchError, match="unknown suite 'nope'; valid: .*prompt-sweep"):
-        load_suite("nope")
+    with pytest.raises(KvbenchError, match="unknown spec 'nope'; valid: .*prompt-sweep"):
+        load_spec("nope")
 
 
 def test_unknown_key_is_rejected():
     with pytest.raises(KvbenchError, match="unknown suite key.*tirals"):
-        from_dict({"name": "x", "tirals": 3})
+        spec_from_dict({"name": "x", "tirals": 3})
 
 
 def test_bad_values_are_rejected():
     with pytest.raises(KvbenchError, match="unknown strategy"):
-        from_dict({"name": "x", "strategies": ["fast"]})
+        spec_from_dict({"name": "x", "strategies": ["fast"]})
     with pytest.raises(KvbenchError, match="output_tokens must be positive"):
-        from_dict({"name": "x", "output_tokens": [0]})
+        spec_from_dict({"name": "x", "output_tokens": [0]})
     with pytest.raises(KvbenchError, match="baseline"):
-        from_dict({"name": "x", "strategies": ["dynamic"], "baseline": "no_cache"})
+        spec_from_dict({"name": "x", "strategies": ["dynamic"], "baseline": "no_cache"})
 
 
 def test_override_order_yaml_then_quick_then_flags():
-    spec = from_dict({"name": "x", "trials": 9, "quick": {"trials": 2, "warmup": 0}})
+    spec = spec_from_dict({"name": "x", "trials": 9, "quick": {"trials": 2, "warmup": 0}})
     assert spec.trials == 9
     quick = spec.resolved(quick=True)
     assert (quick.trials, quick.warmup) == (2, 0)
-    assert quick.with_overrides(trials=5, warmup=None).trials == 5
+    assert quick.resolved(trials=5, warmup=None).trials == 5
 
 
 def test_points_are_the_cross_product():
-    spec = from_dict({"name": "x", "strategies": ["no_cache", "dynamic"], "prompt_tokens": [8, 16],
+    spec = spec_from_dict({"name": "x", "strategies": ["no_cache", "dynamic"], "prompt_tokens": [8, 16],
                       "output_tokens": [4], "batch_sizes": [1, 2]})
     keys = [p.key for p in spec.points()]
     assert len(keys) == len(set(keys)) == 8
 
 
 def test_digest_ignores_trial_count_but_not_axes():
-    a = from_dict({"name": "x", "prompt_tokens": [8]})
-    assert a.digest() == a.with_overrides(trials=10).digest()
-    assert a.digest() != a.with_overrides(prompt_tokens=[16]).digest()
+    a = spec_from_dict({"name": "x", "prompt_tokens": [8]})
+    assert a.digest() == a.resolved(trials=10).digest()
+    assert a.digest() != a.resolved(prompt_tokens=[16]).digest()
 
 
 def test_strategy_entries_with_parameters():
-    from kvbench.bench.spec import parse_strategy
+    from kvbench.bench.suite import parse_strategy
 
     assert parse_strategy("h2o:budget=0.25:window=8").label == "h2o[budget=0.25,window=8]"
     assert parse_strategy({"name": "quantized", "bits": 4}).label == "quantized[bits=4]"
@@ -77,7 +77,7 @@ def test_strategy_entries_with_parameters():
 
 
 def test_budgets_sweep_only_strategies_that_have_one():
-    spec = from_dict({"name": "x", "strategies": ["dynamic", "h2o", {"name": "sink", "budget": 64}],
+    spec = spec_from_dict({"name": "x", "strategies": ["dynamic", "h2o", {"name": "sink", "budget": 64}],
                       "budgets": [0.5, 0.25]})
     assert [v.label for v in spec.variants()] == [
         "dynamic", "h2o[budget=0.5]", "h2o[budget=0.25]", "sink[budget=64]"]
@@ -85,22 +85,16 @@ def test_budgets_sweep_only_strategies_that_have_one():
 
 def test_a_budget_a_strategy_rejects_fails_before_running():
     with pytest.raises(KvbenchError, match="budget"):
-        from_dict({"name": "x", "strategies": ["h2o"], "budgets": [2.5]})
+        spec_from_dict({"name": "x", "strategies": ["h2o"], "budgets": [2.5]})
 
 
 def test_model_axis_names_models_in_keys():
-    spec = from_dict({"name": "x", "models": ["synthetic:tiny", "synthetic:135m"], "prompt_tokens": [8]})
+    spec = spec_from_dict({"name": "x", "models": ["synthetic:tiny", "synthetic:135m"], "prompt_tokens": [8]})
     assert [p.key for p in spec.points()] == ["synthetic:tiny/dynamic/p8/o32/b1", "synthetic:135m/dynamic/p8/o32/b1"]
-    assert [p.key for p in from_dict({"name": "x", "prompt_tokens": [8]}).points()] == ["dynamic/p8/o32/b1"]
+    assert [p.key for p in spec_from_dict({"name": "x", "prompt_tokens": [8]}).points()] == ["dynamic/p8/o32/b1"]
 
 
 def test_spec_round_trips_through_its_dict():
-    from kvbench.bench.reuse_spec import spec_from_dict
-    from kvbench.bench.spec import SuiteSpec, to_dict
-
-    for name in suite_names():
-        spec = load_suite(name)
-        if isinstance(spec, SuiteSpec):
-            assert from_dict(to_dict(spec)) == spec
-        else:  # the reuse and traffic suites
-            assert spec_from_dict(spec.to_dict()) == spec
+    for name in spec_names():
+        spec = load_spec(name)
+        assert spec_from_dict(spec.to_dict()) == spec

@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING
 from kvbench.errors import KvbenchError
 
 if TYPE_CHECKING:
-    from kvbench.load.run import LoadConfig
+    from kvbench.bench.runner import RunOptions
+    from kvbench.bench.spec import RunSpec
+    from kvbench.load.spec import LoadSpec
 
 
 def _defaults():
@@ -50,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=sampling.seed)
     g.add_argument("--no-chat", action="store_true", help="send the prompt without the chat template")
 
-    r = sub.add_parser("run", help="run a suite (a shipped name or a .yaml path) and write its report")
+    r = sub.add_parser("run", help="run a spec of any kind (a shipped name or a .yaml path: suite, reuse, traffic, "
+                                   "load) and write its report")
     r.add_argument("suite")
     model_args(r, None)
     r.add_argument("--quick", action="store_true", help="the suite's small version (under 2 minutes on a laptop CPU)")
@@ -71,11 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_parser(sub) -> None:
-    from kvbench.load.run import LoadConfig
+    from kvbench.load.spec import LoadSpec
     from kvbench.load.stream import ENDPOINTS
     from kvbench.load.workloads import KINDS, LoadWorkload
 
-    cfg, wl = LoadConfig(url="http://x"), LoadWorkload()
+    cfg, wl = LoadSpec(url="http://x"), LoadWorkload()
     ld = sub.add_parser("load", help="open-loop load against an OpenAI-compatible server (vLLM, SGLang, llama.cpp, ...)")
     ld.add_argument("--url", required=True, help="the API root, e.g. http://127.0.0.1:8000/v1")
     ld.add_argument("--model", default=cfg.model, help="served model name (default: the one the server lists)")
@@ -111,6 +114,7 @@ def _load_parser(sub) -> None:
                          "records and report are written either way")
     ld.add_argument("--seed", type=int, default=cfg.seed)
     ld.add_argument("--out", type=Path, help="output dir (default results/load)")
+    ld.add_argument("--resume", action="store_true", help="measure only the rates not yet in OUT/results.jsonl")
     ld.add_argument("--no-progress", action="store_true")
 
 
@@ -135,14 +139,9 @@ def _one_line_warnings() -> None:
 
 
 def _interrupted(args: argparse.Namespace | None) -> str:
-    """What an interrupted command kept and how to go on: only `run` has --resume."""
-    command = getattr(args, "command", None)
-    if command == "run":
+    """What an interrupted command kept and how to go on."""
+    if getattr(args, "command", None) in ("run", "load"):
         return "kvbench: interrupted; every record already measured is kept (rerun with --resume)"
-    if command == "load":
-        out = args.out or Path("results") / "load"
-        return f"kvbench: interrupted; the requests already measured are kept in {out}; `kvbench report {out}` " \
-               "writes their report"
     return "kvbench: interrupted"
 
 
@@ -205,7 +204,7 @@ def cmd_env(args) -> int:
 def cmd_list(args) -> int:
     import dataclasses
 
-    from kvbench.bench.spec import load_suite, suite_names
+    from kvbench.bench.spec import load_spec, spec_names
     from kvbench.models import known_models
     from kvbench.strategies import STRATEGIES
 
@@ -215,9 +214,10 @@ def cmd_list(args) -> int:
         cls = STRATEGIES.get(name)
         params = " ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls))
         print(f"  {name:<12} {cls.summary}" + (f"\n  {'':<12} {params}" if params else ""))
-    print("suites:")
-    for name in suite_names():
-        print(f"  {name:<18} {' '.join(load_suite(name).description.split())}")
+    print("specs (kvbench run NAME):")
+    for name in spec_names():
+        spec = load_spec(name)
+        print(f"  {name:<18} [{spec.kind}] {' '.join(spec.description.split())}")
     return 0
 
 
@@ -226,7 +226,7 @@ def cmd_generate(args) -> int:
     from kvbench.bench.preflight import human_bytes
     from kvbench.engine import GenerationConfig, SamplingConfig, generate
     from kvbench.models import load_model
-    from kvbench.bench.spec import parse_strategy
+    from kvbench.bench.suite import parse_strategy
 
     strategy = parse_strategy(args.strategy).build()
     config = GenerationConfig(
@@ -253,94 +253,122 @@ def cmd_generate(args) -> int:
 
 def cmd_run(args) -> int:
     from kvbench.bench.preflight import parse_bytes
-    from kvbench.bench.report import one_line_summary, write_report
-    from kvbench.bench.runner import RunOptions, run_suite
-    from kvbench.bench.spec import load_suite
+    from kvbench.bench.runner import RunOptions
+    from kvbench.bench.spec import load_spec
 
-    spec = load_suite(args.suite)
-    if getattr(spec, "kind", None) in ("reuse", "traffic"):
-        return _run_reuse(spec, args)
-    spec = spec.resolved(args.quick).with_overrides(
-        model=args.model, models=() if args.model else None, device=args.device, dtype=args.dtype,
-        trials=args.trials, warmup=args.warmup,
-        strategies=[s.strip() for s in args.strategies.split(",") if s.strip()] if args.strategies else None,
-    )
+    spec = load_spec(args.suite)
+    flags = {"model": args.model, "device": args.device, "dtype": args.dtype, "trials": args.trials,
+             "warmup": args.warmup, "memory_limit": args.memory_limit,
+             "strategies": [s.strip() for s in args.strategies.split(",") if s.strip()] if args.strategies else None}
+    given = {k: v for k, v in flags.items() if v is not None}
+    fields = set(spec.to_dict()) | ({"memory_limit"} if spec.kind != "load" else set())
+    refused = sorted(set(given) - fields)
+    if refused:
+        raise KvbenchError(f"{spec.name!r} is a {spec.kind} spec: it takes no "
+                           f"{', '.join('--' + k.replace('_', '-') for k in refused)}")
+    given.pop("memory_limit", None)
+    if args.model and "models" in fields:
+        given["models"] = ()  # --model replaces a model-size axis
+    spec = spec.resolved(args.quick, **given)
     memory_limit = None if args.memory_limit is None else parse_bytes(args.memory_limit)
     if args.dry_run:
-        print(f"{spec.name}: {len(spec.points())} points x {spec.trials} trials (+{spec.warmup} warmup each) on "
-              f"{', '.join(spec.model_names())}")
-        for point in spec.points():
+        points = spec.points()
+        target = ", ".join(spec.model_names()) if hasattr(spec, "model_names") else getattr(spec, "url", None) or spec.model
+        warmup = f" (+{spec.warmup} warmup each)" if getattr(spec, "warmup", 0) else ""
+        print(f"{spec.name} ({spec.kind}): {len(points)} points x {spec.trials} trials{warmup} on {target}")
+        for point in points:
             print(f"  {point.key}")
         return 0
     out = args.out or Path("results") / spec.name
-    options = RunOptions(
-        out=out, resume=args.resume, repair=args.repair,
-        memory_limit=memory_limit, progress=not args.no_progress,
-    )
-    _quiet_transformers()
-    outcome = run_suite(spec, options)
+    return _run(spec, RunOptions(out=out, resume=args.resume, repair=args.repair, memory_limit=memory_limit,
+                                 progress=not args.no_progress))
+
+
+def _run(spec: RunSpec, options: RunOptions) -> int:
+    """Run any spec, then write its report; Ctrl-C keeps the records and writes a partial report."""
+    from kvbench.bench.records import RESULTS, read_records
+    from kvbench.bench.runner import run
+
+    if spec.kind != "load" or getattr(spec, "tokenizer", None):
+        _quiet_transformers()
+    try:
+        outcome = run(spec, options)
+    except KeyboardInterrupt:
+        if not read_records(options.out / RESULTS, strict=False):
+            print("kvbench: interrupted before anything was measured; nothing to report", file=sys.stderr)
+            return 130
+        print(f"kvbench: interrupted; every record already measured is kept in {options.out} (rerun with --resume); "
+              f"partial report: {_write_report(options.out)}", file=sys.stderr)
+        return 130
     for note in outcome.notes:
         print(f"note: {note}")
-    report = write_report(out)
+    report = _write_report(options.out)
     resumed = f", {outcome.skipped} already measured" if outcome.skipped else ""
-    print(f"{spec.name}: {outcome.measured} trials measured{resumed}; {one_line_summary(out)}")
+    print(f"{spec.name}: {outcome.measured} points measured{resumed}; {_one_line(options.out)}")
     print(f"report: {report}")
+    if spec.kind == "load":
+        return _check_errors(spec, options.out)
     return 0
 
 
-def _run_reuse(spec, args) -> int:
-    from kvbench.bench.reuse_report import write_reuse_report
-    from kvbench.bench.reuse_runner import run_reuse_suite
-    from kvbench.bench.runner import RunOptions
+def _check_errors(spec: LoadSpec, out: Path) -> int:
+    """Exit 1 when the share of failed requests at any rate is above the spec's max_error_rate."""
+    from kvbench.load.report import failures_line, over_error_rate, summarize_run
 
-    if args.strategies or args.warmup is not None or args.memory_limit is not None:
-        raise KvbenchError(f"suite {spec.name!r} is a {spec.kind} suite: it takes no --strategies, --warmup "
-                           "or --memory-limit")
-    spec = spec.resolved(args.quick, model=args.model, device=args.device, dtype=args.dtype, trials=args.trials)
-    if args.dry_run:
-        print(f"{spec.name}: {len(spec.points())} request sequences x {spec.trials} trials on {spec.model}")
-        for point in spec.points():
-            print(f"  {point.key}")
-        return 0
-    out = args.out or Path("results") / spec.name
-    _quiet_transformers()
-    outcome = run_reuse_suite(spec, RunOptions(out=out, resume=args.resume, repair=args.repair,
-                                               progress=not args.no_progress))
-    report = write_reuse_report(out)
-    resumed = f", {outcome.skipped} already measured" if outcome.skipped else ""
-    print(f"{spec.name}: {outcome.measured} request sequences measured{resumed}")
-    print(f"report: {report}")
+    summary = summarize_run(out)
+    if failures := failures_line(summary):
+        print(failures)
+    if spec.max_error_rate is not None and (over := over_error_rate(summary, spec.max_error_rate)):
+        print(f"kvbench: error: {'; '.join(over)}: above --max-error-rate {spec.max_error_rate:g}; "
+              f"the records and report are in {out}", file=sys.stderr)
+        return 1
     return 0
 
 
-def cmd_report(args) -> int:
+def _write_report(out: Path) -> Path:
     from kvbench.bench.records import run_kind
-    from kvbench.bench.report import one_line_summary, write_report
 
-    kind = run_kind(args.out)
+    kind = run_kind(out)
     if kind in ("reuse", "traffic"):
         from kvbench.bench.reuse_report import write_reuse_report
 
-        print(f"report: {write_reuse_report(args.out)}")
-        return 0
+        return write_reuse_report(out)
     if kind == "load":
-        from kvbench.load.report import one_line, write_load_report
+        from kvbench.load.report import write_load_report
 
-        report = write_load_report(args.out)
-        print(one_line(args.out))
-        print(f"report: {report}")
-        return 0
-    report = write_report(args.out)
-    print(one_line_summary(args.out))
+        return write_load_report(out)
+    from kvbench.bench.report import write_report
+
+    return write_report(out)
+
+
+def _one_line(out: Path) -> str:
+    from kvbench.bench.records import run_kind
+
+    kind = run_kind(out)
+    if kind == "load":
+        from kvbench.load.report import one_line
+
+        return one_line(out)
+    if kind == "suite":
+        from kvbench.bench.report import one_line_summary
+
+        return one_line_summary(out)
+    return f"{kind} run in {out}"
+
+
+def cmd_report(args) -> int:
+    report = _write_report(args.out)
+    print(_one_line(args.out))
     print(f"report: {report}")
     return 0
 
 
-def load_config(args) -> LoadConfig:
-    """The run's config from the parsed `kvbench load` flags (the flags' defaults are the config's)."""
+def load_spec_from_flags(args) -> LoadSpec:
+    """The run's spec from the parsed `kvbench load` flags (the flags' defaults are the spec's)."""
     from kvbench.load.aggregate import parse_slo
     from kvbench.load.arrivals import parse_rate
-    from kvbench.load.run import LoadConfig
+    from kvbench.load.spec import LoadSpec
     from kvbench.load.workloads import LoadWorkload
 
     rates = args.request_rates.split(",") if args.request_rates else [args.request_rate]
@@ -349,8 +377,8 @@ def load_config(args) -> LoadConfig:
         prefix_tokens=args.prefix_tokens, prefixes=args.prefixes, suffixes=args.suffixes,
         conversations=args.conversations, turns=args.turns, seed=args.seed,
     )
-    return LoadConfig(
-        url=args.url, model=args.model, endpoint=args.endpoint, workload=workload,
+    return LoadSpec(
+        name="load", url=args.url, model=args.model, endpoint=args.endpoint, workload=workload,
         request_rates=tuple(parse_rate(r.strip()) for r in rates), burstiness=args.burstiness,
         max_concurrency=args.max_concurrency, num_requests=args.num_requests, duration_s=args.duration,
         slo=parse_slo(args.slo) if args.slo else None, seed=args.seed, timeout_s=args.timeout,
@@ -360,35 +388,11 @@ def load_config(args) -> LoadConfig:
 
 
 def cmd_load(args) -> int:
-    from kvbench.bench.records import RESULTS, read_records
-    from kvbench.load.report import failures_line, one_line, over_error_rate, summarize_run, write_load_report
-    from kvbench.load.run import run_load_config
+    from kvbench.bench.runner import RunOptions
 
-    config = load_config(args)
+    spec = load_spec_from_flags(args)
     out = args.out or Path("results") / "load"
-    if config.tokenizer:
-        _quiet_transformers()
-    try:
-        outcome = run_load_config(config, out, progress=not args.no_progress)
-    except KeyboardInterrupt:
-        if not read_records(out / RESULTS, strict=False):  # Ctrl-C came before the first send
-            print("kvbench: interrupted before any request was sent; nothing to report", file=sys.stderr)
-            return 130
-        report = write_load_report(out)
-        print(f"kvbench: interrupted; the requests already measured are in {out}; partial report: {report}",
-              file=sys.stderr)
-        return 130
-    report = write_load_report(out)
-    print(f"{outcome.records} requests measured; {one_line(out)}")
-    summary = summarize_run(out)
-    if failures := failures_line(summary):
-        print(failures)
-    print(f"report: {report}")
-    if config.max_error_rate is not None and (over := over_error_rate(summary, config.max_error_rate)):
-        print(f"kvbench: error: {'; '.join(over)}: above --max-error-rate {config.max_error_rate:g}; "
-              f"the records and report are in {out}", file=sys.stderr)
-        return 1
-    return 0
+    return _run(spec, RunOptions(out=out, resume=args.resume, progress=not args.no_progress))
 
 
 if __name__ == "__main__":

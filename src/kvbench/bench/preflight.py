@@ -20,7 +20,7 @@ from typing import Any
 import psutil
 import torch
 
-from kvbench.bench.spec import Point
+from kvbench.bench.suite import Point
 from kvbench.errors import KvbenchError
 from kvbench.models import LoadedModel, kv_bytes_per_token, model_config
 

@@ -78,12 +78,12 @@ def read_records(path: Path, strict: bool = True) -> list[dict]:
 
 
 def _measured_once(path: Path, records: list[dict]) -> list[dict]:
-    """The first record of each measurement: (point, trial, warmup, request_index) of a suite, reuse or
-    traffic record (load records have no point and are kept as they are)."""
+    """The first record of each measurement: (point, trial, warmup, request_index of a reuse sequence, index of a
+    load request); records without a point (load runs from before points) are kept as they are."""
     seen, kept = set(), []
     for record in records:
         if "point" in record:
-            key = tuple(record.get(f) for f in ("point", "trial", "warmup", "request_index"))
+            key = tuple(record.get(f) for f in ("point", "trial", "warmup", "request_index", "index"))
             if key in seen:
                 continue
             seen.add(key)

@@ -62,7 +62,7 @@ def render(info: dict, points: list[PointSummary], rows: list[Speedup], figures:
            n_warmup: int) -> str:
     env = info.get("environment", {})
     lines = [
-        f"# kvbench report: {info.get('suite', out.name)}",
+        f"# kvbench report: {info.get('name', info.get('suite', out.name))}",
         "",
         (info.get("spec") or {}).get("description", "").strip(),
         "",

@@ -78,7 +78,7 @@ def write_reuse_report(out: Path) -> Path:
     info = read_run_info(out)  # without run.json (lost, not yet written), the records still say what was measured
     figures = out / "figures"
     figures.mkdir(exist_ok=True)
-    lines = [f"# {info.get('suite', records[0]['suite'])}", "", f"{info.get('spec', {}).get('description', '').strip()}", ""]
+    lines = [f"# {info.get('name', info.get('suite', records[0]['suite']))}", "", f"{info.get('spec', {}).get('description', '').strip()}", ""]
     env = info.get("environment", {})
     models = info.get("models") or dict.fromkeys(r["model"] for r in records)
     lines += [f"Model {', '.join(models)}; device {env.get('device_name', env.get('device', '?'))}; "

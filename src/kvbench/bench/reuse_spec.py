@@ -11,20 +11,16 @@ tier too small for the whole pool, so hit rate and memory move with the stream.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import ClassVar
 
 from kvbench.bench.reuse_workloads import check_workload
-from kvbench.bench.spec import suite_fields
+from kvbench.bench.spec import RunSpec
 from kvbench.errors import KvbenchError
 from kvbench.models import EMBEDDED
 from kvbench.reuse import ReuseConfig
 from kvbench.reuse.assemble import RECOMPUTE
 
-KINDS = ("reuse", "traffic")
 TIERS = ("ram", "disk")
 STREAMS = ("uniform", "zipf", "temporal")
 
@@ -53,48 +49,32 @@ class ReusePoint:
 
 
 @dataclass(frozen=True)
-class _ReuseSpecBase:
-    """Fields and calls the reuse and traffic specs share (the same calls as `SuiteSpec`)."""
+class _ReuseSpecBase(RunSpec):
+    """Fields the reuse and traffic kinds share."""
 
-    name: str
-    kind: str = ""
-    description: str = ""
+    unit: ClassVar[str] = "request sequence"
+
     model: str = EMBEDDED
     device: str = "auto"
     dtype: str = "auto"
     block_size: int = 64
-    trials: int = 1
     seed: int = 0
-    quick: dict = field(default_factory=dict, compare=False)
 
     def _require_positive(self, *names: str) -> None:
         for name in names:
             if getattr(self, name) < 1:
                 raise KvbenchError(f"{name} must be >= 1, got {getattr(self, name)}")
 
-    def to_dict(self) -> dict:
-        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
-                for f in dataclasses.fields(self)}
+    def session(self, options):
+        from kvbench.bench.reuse_session import ReuseSession, TrafficSession
 
-    def resolved(self, quick: bool, **overrides: Any):
-        """A copy with the `quick` block applied (when asked), then the given non-None overrides."""
-        data = self.to_dict()
-        if quick:
-            data.update(self.quick)
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return spec_from_dict(data)
-
-    def digest(self) -> str:
-        """Identity of what is measured (not of how many trials), to refuse resuming a different run."""
-        d = self.to_dict()
-        for key in ("trials", "quick", "description"):
-            d.pop(key)
-        return hashlib.blake2b(json.dumps(d, sort_keys=True).encode(), digest_size=8).hexdigest()
+        return (ReuseSession if self.kind == "reuse" else TrafficSession)(self, options)
 
 
 @dataclass(frozen=True)
 class ReuseSuiteSpec(_ReuseSpecBase):
-    kind: str = "reuse"
+    kind: ClassVar[str] = "reuse"
+
     workloads: tuple[str, ...] = ("system-prompt",)
     modes: tuple[str, ...] = ("none", "prefix")
     requests: int = 4  # per sequence, the cold one included
@@ -106,6 +86,7 @@ class ReuseSuiteSpec(_ReuseSpecBase):
     tiers: tuple[str, ...] = ("ram", "disk")
 
     def __post_init__(self):
+        super().__post_init__()
         for w in self.workloads:
             check_workload(w)
         for m in self.modes:
@@ -138,7 +119,8 @@ class ReuseSuiteSpec(_ReuseSpecBase):
 
 @dataclass(frozen=True)
 class TrafficSuiteSpec(_ReuseSpecBase):
-    kind: str = "traffic"
+    kind: ClassVar[str] = "traffic"
+
     streams: tuple[str, ...] = STREAMS
     documents: int = 12
     document_tokens: int = 256
@@ -151,6 +133,7 @@ class TrafficSuiteSpec(_ReuseSpecBase):
     output_tokens: int = 1
 
     def __post_init__(self):
+        super().__post_init__()
         bad = [s for s in self.streams if s not in STREAMS]
         if bad:
             raise KvbenchError(f"unknown stream(s) {bad}; valid: {', '.join(STREAMS)}")
@@ -160,8 +143,3 @@ class TrafficSuiteSpec(_ReuseSpecBase):
 
     def points(self) -> list[ReusePoint]:
         return [ReusePoint(s, "prefix", "ram+disk" if self.disk else "ram") for s in self.streams]
-
-
-def spec_from_dict(data: dict) -> ReuseSuiteSpec | TrafficSuiteSpec:
-    cls = ReuseSuiteSpec if data.get("kind") == "reuse" else TrafficSuiteSpec
-    return cls(**suite_fields(data, cls, cls.__name__))

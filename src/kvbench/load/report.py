@@ -19,7 +19,8 @@ def summarize_run(out: Path) -> dict:
         raise KvbenchError(f"{out} has no {RESULTS}; run kvbench load --out {out} first")
     records = read_records(out / RESULTS, strict=False)
     info = read_run_info(out)
-    slo = (info.get("config") or {}).get("slo")
+    spec = info.get("spec") or info.get("config") or {}  # `config`: run.json of load runs before the one runner
+    slo = spec.get("slo")
     groups: dict[str, list[dict]] = {}
     for r in records:
         groups.setdefault(r["request_rate"], []).append(r)
@@ -32,8 +33,8 @@ def summarize_run(out: Path) -> dict:
         point["planned"] = run_point.get("planned", len(rs))
         point["client_cpu_s"], point["client_cpu_share"] = run_point.get("client_cpu_s"), run_point.get("client_cpu_share")
         points[label] = point
-    return {"partial": info.get("partial", False), "slo": slo,
-            "same_prompts_each_rate": (info.get("config") or {}).get("same_prompts_each_rate"), "points": points}
+    partial = info.get("complete") is False or info.get("partial", False)
+    return {"partial": partial, "slo": slo, "same_prompts_each_rate": spec.get("same_prompts_each_rate"), "points": points}
 
 
 def write_load_report(out: Path) -> Path:
@@ -90,7 +91,7 @@ def _prompts_note(same: bool | None) -> str:
 
 
 def render(info: dict, summary: dict) -> str:
-    config, env, server = info.get("config", {}), info.get("environment", {}), info.get("server", {})
+    config, env, server = info.get("spec") or info.get("config", {}), info.get("environment", {}), info.get("server", {})
     workload = config.get("workload", {})
     lines = [f"# kvbench load report: {server.get('model', config.get('model'))}", ""]
     if summary["partial"]:

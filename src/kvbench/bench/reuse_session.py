@@ -1,39 +1,35 @@
-"""Run the reuse suites: sequences of requests against a fresh reuse cache, one record per request.
+"""How the `reuse` and `traffic` kinds measure: sequences of requests against a fresh reuse cache.
 
 Cold requests are cold: every sequence gets a new, empty cache (and, for the disk tier, a new
-directory), and the kernel warmup at model load uses no reuse cache at all. A sequence's records
-are appended when it ends; a sequence a kill cut mid-way (some of its records written) is never
-counted as done: on resume its records are dropped and it is measured again from its first request.
-Hit figures are per request (`cached_tokens`), never cumulative.
+directory), and the kernel warmup at model load uses no reuse cache at all. One (point, trial) is a
+whole sequence, one record per request; a sequence a kill cut mid-way is never counted as done (the
+runner drops its records and measures it again from its first request). Hit figures are per request
+(`cached_tokens`), never cumulative.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import shutil
 import tempfile
 import time
-from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from kvbench.bench import provenance
+from kvbench.bench import preflight
 from kvbench.bench.environment import describe
 from kvbench.bench.metrics import request_timing
-from kvbench.bench.outlock import locked
-from kvbench.bench.records import RESULTS, RUN_INFO, ResultsWriter, atomic_write_text, repair
 from kvbench.bench.reuse_spec import STREAMS, ReusePoint, ReuseSuiteSpec, TrafficSuiteSpec, parse_mode
 from kvbench.bench.reuse_workloads import ReuseRequest, Texts, build, document_pool
-from kvbench.bench.runner import RunOptions, RunOutcome, prepare_out_dir
+from kvbench.bench.runner import Emit, RunOptions
+from kvbench.bench.suite import Point, StrategyRef
 from kvbench.device import resolve_device
 from kvbench.engine import GenerationConfig, GenerationResult, generate
 from kvbench.engine.generate import check_prompts
 from kvbench.engine.prefill import prefill_floor_ms
-from kvbench.errors import KvbenchError
 from kvbench.models import LoadedModel, load_model
 from kvbench.reuse import ReuseCache, ReuseConfig
 from kvbench.strategies import build_strategy
@@ -41,72 +37,65 @@ from kvbench.strategies import build_strategy
 _DISK_TIER = "kvbench-disk-tier-"
 
 
-def run_reuse_suite(spec: ReuseSuiteSpec | TrafficSuiteSpec, options: RunOptions, lm: LoadedModel | None = None) -> RunOutcome:
-    out = prepare_out_dir(options.out)
-    with locked(out):
-        return _run_reuse_suite(spec, options, lm, out)
+class _SequenceSession:
+    """What the reuse and traffic kinds share: one model, sequences of requests, one record per request."""
 
+    unit = "request"
 
-def _run_reuse_suite(spec: ReuseSuiteSpec | TrafficSuiteSpec, options: RunOptions, lm: LoadedModel | None,
-                     out: Path) -> RunOutcome:
-    results_path = out / RESULTS
-    environment = describe(resolve_device(spec.device))
-    existing = provenance.start(out, spec.kind, options.resume, options.repair, spec.digest(), environment)
-    lm = lm or load_model(spec.model, spec.device, spec.dtype)
-    provenance.check_model(out, existing, lm.name, lm.fingerprint)
-    measured = drop_cut_sequences(results_path, spec, existing.records)
-    done = {(r["point"], r["trial"]) for r in measured}
-    todo = [(p, t) for t in range(spec.trials) for p in spec.points() if (p.key, t) not in done]
-    texts = Texts(lm.tokenizer, spec.seed)
-    references = {(r["workload"], r["trial"], r["request_index"]): r["output_ids"]
-                  for r in measured if r["reuse_mode"] == "none"}
-    measure = _ReuseSequences(spec, lm, texts, references) if spec.kind == "reuse" else _TrafficStreams(spec, lm, texts)
-    for point, trial in todo:  # every request fits the model, before anything is measured
-        for request in measure.requests(point, trial):
-            check_prompts(lm, [request.ids], spec.output_tokens)
-    info = {"suite": spec.name, "kind": spec.kind, "spec": spec.to_dict(), "spec_digest": spec.digest(),
-            "environment": environment,
-            "models": {lm.name: {"fingerprint": lm.fingerprint, "dtype": str(lm.dtype).removeprefix("torch."),
-                                 "weight_bytes": lm.weight_bytes}},
-            "notes": [], "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    info["parts"] = provenance.parts(existing, info)
-    atomic_write_text(out / RUN_INFO, json.dumps(info, indent=2) + "\n")
-    sweep_dead_disk_tiers()
-    _warm_kernels(lm)
-    with ResultsWriter(results_path) as writer, tqdm(total=len(todo), desc=spec.name, unit="seq",
-                                                     disable=not options.progress) as bar:
+    def __init__(self, spec: ReuseSuiteSpec | TrafficSuiteSpec, options: RunOptions, lm: LoadedModel | None = None):
+        self.spec, self.options, self.lm = spec, options, lm
+
+    def environment(self) -> dict:
+        return describe(self.lm.device if self.lm is not None else resolve_device(self.spec.device))
+
+    def notes(self) -> list[str]:
+        return []
+
+    def records_per(self, point: ReusePoint) -> int:
+        return sequence_length(self.spec, point.workload)
+
+    def check(self, todo: list[tuple[ReusePoint, int]], measured: list[dict]) -> None:
+        """Load the model, then refuse any request that does not fit its context, and a run whose longest request
+        (with the blocks its sequence stores in RAM) would not fit in memory."""
+        self.lm = self.lm or load_model(self.spec.model, self.spec.device, self.spec.dtype)
+        self.texts = Texts(self.lm.tokenizer, self.spec.seed)
+        self._start(measured)
+        longest, stored = 0, 0
         for point, trial in todo:
-            bar.set_postfix_str(point.key)
-            for record in measure(point, trial):
-                writer.append(record)
-            bar.update()
-    return RunOutcome(out, len(todo), spec.trials * len(spec.points()) - len(todo), ())
+            requests = self.requests(point, trial)
+            for request in requests:
+                check_prompts(self.lm, [request.ids], self.spec.output_tokens)
+            longest = max(longest, *(len(r.ids) for r in requests))
+            stored = max(stored, sum(len(r.ids) for r in requests) * self.lm.kv_bytes_per_token)
+        if todo:
+            point = Point(self.lm.name, StrategyRef("dynamic"), longest, self.spec.output_tokens, 1)
+            worst = preflight.estimate(preflight.ModelShape.of(self.lm), [point], {point: longest})
+            worst = dataclasses.replace(worst, kv=worst.kv + min(stored, ReuseConfig().ram_bytes))
+            limit = self.options.memory_limit
+            preflight.check(worst, limit if limit is not None else preflight.default_limit(self.lm.weight_bytes))
+
+    def groups(self, points: list[ReusePoint]) -> list[list[ReusePoint]]:
+        return [points]
+
+    def open(self, group: list[ReusePoint]) -> dict:
+        lm = self.lm
+        return {"models": {lm.name: {"fingerprint": lm.fingerprint, "dtype": str(lm.dtype).removeprefix("torch."),
+                                     "weight_bytes": lm.weight_bytes}}}
+
+    def warmup(self, group: list[ReusePoint], emit: Emit) -> None:
+        """One untimed generation without reuse, so first-call costs land on no measured request."""
+        sweep_dead_disk_tiers()
+        ids = list(range(16, 16 + 96))
+        generate(self.lm, build_strategy("dynamic"), [ids], GenerationConfig(max_new_tokens=4, stop_at_eos=False))
+
+    def measure(self, point: ReusePoint, trial: int, emit: Emit) -> None:
+        for record in self._sequence(point, trial):
+            emit(record)
 
 
 def sequence_length(spec: ReuseSuiteSpec | TrafficSuiteSpec, workload: str) -> int:
     """Requests in one sequence of `workload` (a traffic suite: in one stream)."""
     return spec.turns if spec.kind == "reuse" and workload == "multi-turn" else spec.requests
-
-
-def drop_cut_sequences(path: Path, spec: ReuseSuiteSpec | TrafficSuiteSpec, records: list[dict]) -> list[dict]:
-    """The records of complete sequences (every request recorded); those of a sequence cut mid-way, or
-    with a line deleted by hand, are dropped from `path`, so that it is measured again from its first
-    request and the report never counts it twice."""
-    lengths = {p.key: sequence_length(spec, p.workload) for p in spec.points()}
-    requests = defaultdict(set)
-    for r in records:
-        requests[(r["point"], r["trial"])].add(r["request_index"])
-    foreign = sorted({point for point, _ in requests if point not in lengths})
-    if foreign:  # possible when run.json, and with it the spec digest, is gone
-        raise KvbenchError(f"{path} holds records of points this suite does not have ({', '.join(foreign[:3])}); "
-                           "resume with the suite and flags that wrote them, or choose another --out")
-    cut = {key for key, indices in requests.items() if indices != set(range(lengths[key[0]]))}
-    if not cut:
-        return records
-    dropped = repair(path, keep=lambda r: (r["point"], r["trial"]) not in cut)
-    print(f"kvbench: dropped {dropped} record(s) of {len(cut)} sequence(s) cut mid-way; they are measured again "
-          "from their first request")
-    return [r for r in records if (r["point"], r["trial"]) not in cut]
 
 
 def disk_tier_dir() -> tempfile.TemporaryDirectory:
@@ -131,12 +120,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
-
-
-def _warm_kernels(lm: LoadedModel) -> None:
-    """One untimed generation without reuse, so first-call costs land on no measured request."""
-    ids = list(range(16, 16 + 96))
-    generate(lm, build_strategy("dynamic"), [ids], GenerationConfig(max_new_tokens=4, stop_at_eos=False))
 
 
 def _base_record(spec, lm: LoadedModel, point: ReusePoint, trial: int, index: int, ids: list[int],
@@ -171,16 +154,19 @@ def _cache(lm, spec, mode: str, disk_dir: str | None, **extra) -> ReuseCache:
     ))
 
 
-class _ReuseSequences:
-    def __init__(self, spec: ReuseSuiteSpec, lm, texts, references: dict):
-        self.spec, self.lm, self.texts, self.references = spec, lm, texts, references
+class ReuseSession(_SequenceSession):
+    """Mode `none` of a workload is measured before its reuse modes: it is the reference for greedy match."""
+
+    def _start(self, measured: list[dict]) -> None:
+        self.references = {(r["workload"], r["trial"], r["request_index"]): r["output_ids"]
+                           for r in measured if r["reuse_mode"] == "none"}
         self.dynamic = build_strategy("dynamic")
-        self.config = GenerationConfig(max_new_tokens=spec.output_tokens, stop_at_eos=False)
+        self.config = GenerationConfig(max_new_tokens=self.spec.output_tokens, stop_at_eos=False)
 
     def requests(self, point: ReusePoint, trial: int) -> list[ReuseRequest]:
         return build(point.workload, self.texts, sequence_length(self.spec, point.workload))
 
-    def __call__(self, point: ReusePoint, trial: int) -> list[dict]:
+    def _sequence(self, point: ReusePoint, trial: int) -> list[dict]:
         requests = self.requests(point, trial)
         if point.mode == "none":
             return [self._record(point, trial, i, r, generate(self.lm, self.dynamic, [r.ids], self.config))
@@ -231,15 +217,14 @@ def ram_budget(s: TrafficSuiteSpec, prompt_tokens: int, kv_bytes_per_token: int)
     return int(s.ram_documents * (prompt_tokens // s.block_size)) * s.block_size * kv_bytes_per_token
 
 
-class _TrafficStreams:
+class TrafficSession(_SequenceSession):
     """Each stream sends `requests` requests, a document of the pool plus a fresh question, in the
     stream's order; RAM holds `ram_documents` documents' worth of blocks, the disk tier the rest."""
 
-    def __init__(self, spec: TrafficSuiteSpec, lm, texts):
-        self.spec, self.lm, self.texts = spec, lm, texts
-        self.pool = document_pool(texts, spec.documents, spec.document_tokens)
+    def _start(self, measured: list[dict]) -> None:
+        self.pool = document_pool(self.texts, self.spec.documents, self.spec.document_tokens)
         self.dynamic = build_strategy("dynamic")
-        self.config = GenerationConfig(max_new_tokens=spec.output_tokens, stop_at_eos=False)
+        self.config = GenerationConfig(max_new_tokens=self.spec.output_tokens, stop_at_eos=False)
 
     def requests(self, point: ReusePoint, trial: int) -> list[ReuseRequest]:
         """In the stream's order: a document of the pool, then a fresh question."""
@@ -248,7 +233,7 @@ class _TrafficStreams:
     def _prompt(self, doc: int, trial: int, i: int) -> list[int]:
         return self.pool[doc] + self.texts.encode("\n\nQ: ") + self.texts.prose(8, 10_000 + 97 * trial + i)
 
-    def __call__(self, point: ReusePoint, trial: int) -> list[dict]:
+    def _sequence(self, point: ReusePoint, trial: int) -> list[dict]:
         s = self.spec
         with disk_tier_dir() as disk_dir:
             ram = ram_budget(s, len(self._prompt(0, trial, 0)), self.lm.kv_bytes_per_token)

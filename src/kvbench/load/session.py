@@ -1,0 +1,165 @@
+"""How the `load` kind measures: one open-loop request rate against a server, records written as requests end.
+
+Before anything is sent, every rate's requests are built and cut to the tokenizer's context window, and
+the server is probed (its models, one short request); run.json keeps per rate the planned count, the
+prompt seed, the client's CPU time and the server's Prometheus deltas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import time
+from dataclasses import replace
+
+import httpx
+
+from kvbench.bench.environment import describe_host
+from kvbench.bench.runner import Emit, RunOptions
+from kvbench.errors import KvbenchError
+from kvbench.load.loadgen import run_load
+from kvbench.load.probe import check_server, served_models
+from kvbench.load.prometheus import scrape, server_deltas
+from kvbench.load.spec import LoadSpec, RatePoint
+from kvbench.load.stream import Endpoint
+from kvbench.load.workloads import Request, Tokenizer, build_requests, context_window, fitting_requests, load_tokenizer
+
+
+class LoadSession:
+    unit = "request"
+
+    def __init__(self, spec: LoadSpec, options: RunOptions):
+        self.spec = spec
+        self.tokenizer = _tokenizer(spec)
+        self.schedules = {p.key: spec.schedule(p.rate) for p in spec.points()}  # config errors before the probe
+        self.requests = rate_requests(spec, {label: len(s) for label, s in self.schedules.items()}, self.tokenizer)
+        self.window = fit_context(spec, self.requests, self.schedules, self.tokenizer)
+
+    def environment(self) -> dict:
+        return describe_host()
+
+    def notes(self) -> list[str]:
+        return []
+
+    def records_per(self, point: RatePoint) -> int:
+        return len(self.schedules[point.key])
+
+    def check(self, todo: list[tuple[RatePoint, int]], measured: list[dict]) -> None:
+        self.endpoint, self.models = asyncio.run(_prepare(self.spec))
+
+    def groups(self, points: list[RatePoint]) -> list[list[RatePoint]]:
+        return [points]
+
+    def open(self, group: list[RatePoint]) -> dict:
+        return {"server": {"models": self.models, "model": self.endpoint.model, "context_window": self.window}}
+
+    def warmup(self, group: list[RatePoint], emit: Emit) -> None:
+        """None: the probe already sent one request, and a load run measures the server as it is."""
+
+    def measure(self, point: RatePoint, trial: int, emit: Emit) -> dict:
+        label = point.key
+
+        def on_record(record: dict) -> None:
+            emit({"point": label, "trial": trial, "request_rate": label, **record})
+
+        facts = {"planned": len(self.schedules[label]), "prompt_seed": prompt_seed(self.spec, label)}
+        with client_cpu(facts):
+            facts["server_metrics"] = asyncio.run(_one_rate(self.spec, self.endpoint, self.requests[label],
+                                                            self.schedules[label], on_record, self.tokenizer))
+        return facts
+
+
+@contextlib.contextmanager
+def client_cpu(point: dict):
+    """Record in `point` the CPU time of this process (every thread: event loop, HTTP, tokenizer) over the block,
+    and the share of one core it used: a client on the server's machine takes that much CPU from the server."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    try:
+        yield
+    finally:
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        point["client_cpu_s"] = cpu
+        point["client_cpu_share"] = cpu / wall if wall > 0 else None
+
+
+def prompt_seed(spec: LoadSpec, label: str) -> int | None:
+    """The workload seed of one rate: derived from (seed, rate), or the run's own with same_prompts_each_rate
+    (None for a .jsonl workload, whose prompts are the file's)."""
+    if spec.workload.kind.endswith(".jsonl"):
+        return None
+    if spec.same_prompts_each_rate:
+        return spec.workload.seed
+    digest = hashlib.blake2b(f"{spec.workload.seed}/{label}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big")
+
+
+def rate_requests(spec: LoadSpec, counts: dict[str, int], tokenizer: Tokenizer | None) -> dict[str, list[Request]]:
+    """Each rate's requests. By default no rate re-sends another's prompts: generated workloads are seeded
+    per rate, and a .jsonl file is dealt out in turn (it must hold enough conversations)."""
+    if spec.same_prompts_each_rate:
+        shared = build_requests(spec.workload, max(counts.values()), tokenizer)
+        return {label: shared[:n] for label, n in counts.items()}
+    if not spec.workload.kind.endswith(".jsonl"):
+        return {label: build_requests(replace(spec.workload, seed=prompt_seed(spec, label)), n, tokenizer)
+                for label, n in counts.items()}
+    total, available = sum(counts.values()), spec.workload.natural_count
+    if len(counts) > 1 and total > available:
+        fit = available // len(counts)
+        raise KvbenchError(f"{spec.workload.kind} holds {available} conversations and {len(counts)} rates need "
+                           f"{total} for each to send its own; give {f'--num-requests {fit} or ' if fit else ''}"
+                           "--same-prompts-each-rate")
+    dealt = iter(build_requests(spec.workload, total, tokenizer))
+    return {label: [replace(r, index=i) for i, r in enumerate(itertools.islice(dealt, n))] for label, n in counts.items()}
+
+
+def fit_context(spec: LoadSpec, requests: dict[str, list[Request]], schedules: dict[str, list[float]],
+                tokenizer: Tokenizer | None) -> int | None:
+    """Cut each rate's default count (in place) to the requests that fit the tokenizer's context window;
+    refuse a count the user asked for that does not fit. Returns the window (None: unknown, nothing checked)."""
+    window = context_window(tokenizer) if tokenizer is not None else None
+    if window is None:
+        return None
+    asked = spec.num_requests is not None or spec.duration_s is not None
+    for label, reqs in requests.items():
+        fit = fitting_requests(reqs, tokenizer, window)
+        if fit == len(reqs):
+            continue
+        if fit == 0 or asked:
+            fix = f"give --num-requests {fit}" if fit else "give shorter prompts or fewer --output-tokens"
+            raise KvbenchError(f"request {fit + 1} of the {spec.workload.kind} workload does not fit the "
+                               f"tokenizer's {window}-token context with {spec.workload.output_tokens} output "
+                               f"tokens; {fix}")
+        requests[label], schedules[label] = reqs[:fit], schedules[label][:fit]
+    return window
+
+
+def _tokenizer(spec: LoadSpec) -> Tokenizer | None:
+    if spec.tokenizer is not None:
+        return load_tokenizer(spec.tokenizer)
+    if spec.workload.needs_tokenizer:
+        raise KvbenchError(f"the {spec.workload.kind} workload builds prompts with the served model's tokenizer; "
+                           "give --tokenizer (a local model dir, a cached hub id, or smollm2-135m)")
+    return None
+
+
+async def _prepare(spec: LoadSpec) -> tuple[Endpoint, list[str] | None]:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(min(spec.timeout_s, 30.0))) as client:
+        models = await served_models(client, spec.url)
+    model = spec.model
+    if model is None:
+        if not models or len(models) != 1:
+            raise KvbenchError(f"give --model; the server lists {', '.join(models) if models else 'no models'}")
+        model = models[0]
+    endpoint = Endpoint(spec.url, model, spec.endpoint, spec.timeout_s, spec.ignore_eos)
+    await check_server(endpoint, models)
+    return endpoint, models
+
+
+async def _one_rate(spec: LoadSpec, endpoint: Endpoint, requests, schedule, on_record, tokenizer) -> dict:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(30.0)) as client:
+        before = await scrape(client, spec.url)
+        await run_load(endpoint, requests, schedule, on_record, spec.max_concurrency, tokenizer)
+        after = await scrape(client, spec.url) if before is not None else None
+    return server_deltas(before, after)
