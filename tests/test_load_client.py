@@ -434,3 +434,32 @@ def test_ctrl_c_keeps_the_measured_requests_and_marks_the_report_partial(tmp_pat
     assert all(r["ttft_ms"] is not None for r in records)  # the stalled requests had their first token
     assert json.loads((out / "run.json").read_text())["complete"] is False
     assert "PARTIAL" in (out / "report.md").read_text()
+
+
+def test_a_load_spec_file_runs_through_kvbench_run_and_resume_measures_only_a_cut_rate(tmp_path, capsys):
+    """`kind: load` in a YAML file goes through the one runner like any suite; a rate cut mid-way (Ctrl-C) is
+    dropped on --resume and sent again from its first request, the complete rate is not sent again."""
+    import yaml
+
+    path = conversations(tmp_path, [f"conversation {i}" for i in range(8)])
+    out, spec = tmp_path / "out", tmp_path / "http.yaml"
+    server = FakeServer()
+    with server as url:
+        spec.write_text(yaml.safe_dump({"name": "http", "kind": "load", "url": url, "workload": {"kind": str(path)},
+                                        "request_rates": ["inf", 100], "num_requests": 4}))
+        assert main(["run", str(spec), "--out", str(out), "--no-progress"]) == 0
+        records = read_records(out / "results.jsonl")
+        assert sorted((r["point"], r["trial"], r["index"]) for r in records) == \
+            [(p, 0, i) for p in ("100", "inf") for i in range(4)]
+        lines = (out / "results.jsonl").read_text().splitlines()
+        cut = [line for line in lines if not (json.loads(line)["point"] == "100" and json.loads(line)["index"] >= 2)]
+        (out / "results.jsonl").write_text("\n".join(cut) + "\n")
+        sent_before = len(server.prompts)
+        assert main(["run", str(spec), "--out", str(out), "--no-progress", "--resume"]) == 0
+        resent = server.prompts[sent_before + 1:]  # after the probe request
+    assert "dropped 2 record(s) of 1 measurement(s) cut mid-way" in capsys.readouterr().out
+    assert sorted(resent) == [f"conversation {i}" for i in range(4, 8)]  # rate 100's own conversations, all four
+    records = read_records(out / "results.jsonl")
+    assert sorted((r["point"], r["index"]) for r in records) == [(p, i) for p in ("100", "inf") for i in range(4)]
+    info = json.loads((out / "run.json").read_text())
+    assert info["kind"] == "load" and info["complete"] and len(info["parts"]) == 2
