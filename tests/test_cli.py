@@ -57,3 +57,16 @@ def test_run_and_report_end_to_end(tiny_suite, tmp_path, capsys):
     assert "4 points; best end-to-end speedup" in printed
     assert (out / "report.md").exists()
     assert main(["report", str(out)]) == 0
+
+
+def test_set_overrides_any_key_of_any_kind_and_unknown_keys_list_the_valid_ones(capsys):
+    assert main(["run", "http-rate-sweep", "--dry-run", "--set", "url=http://10.0.0.1:9000/v1",
+                 "--set", "request_rates=[2, inf]"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["http-rate-sweep (load): 2 points x 1 trials on http://10.0.0.1:9000/v1",
+                                                    "  2", "  inf"]
+    assert main(["run", "prompt-sweep", "--dry-run", "--quick", "--set", "prompt_tokens=[8]"]) == 0
+    assert "/p8/" in capsys.readouterr().out
+    assert main(["run", "reuse", "--dry-run", "--set", "colour=red"]) == 2
+    assert "unknown reuse key(s) colour; valid: blend_fraction" in capsys.readouterr().err
+    assert main(["run", "reuse", "--dry-run", "--set", "colour"]) == 2
+    assert "cannot read --set 'colour'; write --set KEY=VALUE" in capsys.readouterr().err

@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--trials", type=int)
     r.add_argument("--warmup", type=int)
     r.add_argument("--strategies", help="comma-separated, replaces the suite's list (name or name:key=value:...)")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="set any key of the spec (repeatable; VALUE is read as YAML), e.g. --set url=http://host:8000/v1 "
+                        "--set request_rates=[1,4,inf]")
     r.add_argument("--out", type=Path, help="output dir (default results/SUITE)")
     r.add_argument("--resume", action="store_true", help="skip trials already in OUT/results.jsonl")
     r.add_argument("--repair", action="store_true", help="drop corrupt lines of OUT/results.jsonl first")
@@ -267,6 +270,7 @@ def cmd_run(args) -> int:
         raise KvbenchError(f"{spec.name!r} is a {spec.kind} spec: it takes no "
                            f"{', '.join('--' + k.replace('_', '-') for k in refused)}")
     given.pop("memory_limit", None)
+    given.update(_settings(args.set))  # unknown keys are refused by the spec's own validation, with the valid ones
     if args.model and "models" in fields:
         given["models"] = ()  # --model replaces a model-size axis
     spec = spec.resolved(args.quick, **given)
@@ -282,6 +286,22 @@ def cmd_run(args) -> int:
     out = args.out or Path("results") / spec.name
     return _run(spec, RunOptions(out=out, resume=args.resume, repair=args.repair, memory_limit=memory_limit,
                                  progress=not args.no_progress))
+
+
+def _settings(pairs: list[str]) -> dict:
+    """`--set KEY=VALUE` pairs, each VALUE read as YAML (numbers, lists, mappings, null)."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise KvbenchError(f"cannot read --set {pair!r}; write --set KEY=VALUE, e.g. --set trials=5")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise KvbenchError(f"cannot read the value of --set {pair!r} as YAML; quote it, e.g. --set 'name=\"x y\"'") from None
+    return out
 
 
 def _run(spec: RunSpec, options: RunOptions) -> int:
