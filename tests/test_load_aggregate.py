@@ -2,8 +2,9 @@ import math
 
 import pytest
 
-from kvbench.load.aggregate import aggregate, meets_slo, parse_slo, prefix_effect
+from kvbench.bench.metrics import TIMING_FIELDS, meets_slo
 from kvbench.errors import KvbenchError
+from kvbench.load.aggregate import aggregate, parse_slo, prefix_effect
 
 
 def rec(status="ok", ttft=10.0, e2e=40.0, out=4, prompt=8, end=1.0, itl=(10.0, 10.0, 10.0), **kw):
@@ -30,7 +31,8 @@ def test_throughputs_and_latency_stats_from_hand_made_records():
     assert a["itl_ms.p90"] == pytest.approx(10.0)  # every gap of the successful requests, pooled
     assert a["e2e_ms.max"] == 90.0
     assert a["cached_tokens"] == 5
-    assert "goodput" not in a
+    assert a["goodput"] is None and a["good_requests"] is None
+    assert all(f"{field}.p99" in a for field in TIMING_FIELDS)
 
 
 def test_unknown_prompt_counts_give_no_input_throughput():

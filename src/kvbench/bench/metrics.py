@@ -1,48 +1,67 @@
-"""Pure functions from raw per-step timestamps to per-request timings and summaries.
+"""Every timing and aggregate of kvbench, each defined once (docs/metrics.md says how and why).
 
-Definitions (as in vLLM's serving benchmark):
-- TTFT: start of the request to the first generated token on the host (includes prefill).
-- ITL: gap between consecutive generated tokens; every gap is kept as a raw sample.
-- TPOT: (E2E - TTFT) / (output tokens - 1); undefined for a single output token.
-- decode time: first token to last token; decode tokens/s counts every batch row.
-Percentiles are computed from raw samples (numpy's linear interpolation), never from buckets.
+`request_timing` turns one request's raw timestamps into its timing fields; the engine records
+(suites, reuse, `kvbench generate`) and the HTTP load client's records both call it, so a field means
+the same thing in every results.jsonl. `summarize`, `timing_stats` and `throughput` turn records
+into a point's or a run's aggregates for the suite, reuse and load summaries. numpy only: the
+load client installs without torch. Percentiles come from raw samples (numpy's linear
+interpolation), never from buckets.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 PERCENTILES = (50, 90, 95, 99)
+TIMING_FIELDS = ("ttft_ms", "itl_ms", "tpot_ms", "decode_ms", "e2e_ms", "decode_tokens_per_s", "send_lag_ms")
+SLO_KEYS = ("ttft_ms", "tpot_ms", "e2e_ms")
 
 
 @dataclass(frozen=True)
 class RequestTiming:
-    ttft_ms: float
-    itl_ms: list[float]
-    tpot_ms: float | None
-    decode_ms: float
-    e2e_ms: float
-    decode_tokens_per_s: float | None
+    """The timing fields every record carries; None where the request has no such time."""
+
+    ttft_ms: float | None  # start -> first token
+    itl_ms: list[float]  # every gap between consecutive token timestamps
+    tpot_ms: float | None  # decode_ms / (output tokens - 1)
+    decode_ms: float | None  # first token -> end (e2e_ms - ttft_ms)
+    e2e_ms: float | None  # start -> end of the response
+    decode_tokens_per_s: float | None  # rows * (output tokens - 1) / decode time
+    send_lag_ms: float | None  # scheduled send -> actual send (the client's queue time); open-loop load only
 
 
-def request_timing(step_times_s: list[float], batch_size: int = 1) -> RequestTiming:
-    """Timings of one request (or one batch) from the times its decode steps finished."""
-    if not step_times_s:
-        raise ValueError("a request with no generated token has no timing")
-    ms = [t * 1000.0 for t in step_times_s]
-    itl = [b - a for a, b in zip(ms, ms[1:])]
-    decode_ms = ms[-1] - ms[0]
-    steps = len(ms) - 1
+def request_timing(token_times_s: Sequence[float], rows: int = 1, *, start_s: float | None = 0.0,
+                   end_s: float | None = None, output_tokens: int | None = None,
+                   scheduled_s: float | None = None) -> RequestTiming:
+    """Timings of one request, or of a batch of `rows` requests that share one clock, from its timestamps.
+
+    `token_times_s`: when each token arrived, on the same clock as `start_s`: in-process the end of each
+    decode step (one token per row, seconds after the generation started, so `start_s` is 0); over
+    HTTP each chunk that carried generated text (a chunk may carry several tokens). `start_s`: when
+    the request started (HTTP: the actual send; None: never sent). `end_s`: when the whole response
+    was in (HTTP: the end of the stream, after the last text chunk; default: the last token).
+    `output_tokens`: tokens generated per row (default one per timestamp; HTTP: the server's usage
+    count). `scheduled_s`: when the request was due to be sent, for an open-loop schedule.
+    """
+    ms = lambda a, b: None if a is None or b is None else (b - a) * 1000.0  # noqa: E731
+    itl = [(b - a) * 1000.0 for a, b in zip(token_times_s, token_times_s[1:])]
+    ttft = ms(start_s, token_times_s[0] if token_times_s else None)
+    e2e = ms(start_s, token_times_s[-1] if end_s is None and token_times_s else end_s)
+    decode = None if ttft is None or e2e is None else e2e - ttft
+    tokens = len(token_times_s) if output_tokens is None else output_tokens
+    steps = tokens - 1 if decode is not None and tokens > 1 else 0
     return RequestTiming(
-        ttft_ms=ms[0],
+        ttft_ms=ttft,
         itl_ms=itl,
-        tpot_ms=decode_ms / steps if steps else None,
-        decode_ms=decode_ms,
-        e2e_ms=ms[-1],
-        decode_tokens_per_s=batch_size * steps / (decode_ms / 1000.0) if steps and decode_ms > 0 else None,
+        tpot_ms=decode / steps if steps else None,
+        decode_ms=decode,
+        e2e_ms=e2e,
+        decode_tokens_per_s=rows * steps / (decode / 1000.0) if steps and decode > 0 else None,
+        send_lag_ms=ms(scheduled_s, start_s),
     )
 
 
@@ -82,12 +101,91 @@ def summarize(samples) -> Summary:
     )
 
 
-def throughput(e2e_ms: list[float], requests_per_sample: list[int], tokens_per_sample: list[int]) -> dict:
-    """Requests/s and output tokens/s of requests served one after another."""
-    busy_s = sum(e2e_ms) / 1000.0
-    if busy_s <= 0:
-        return {"requests_per_s": float("nan"), "tokens_per_s": float("nan")}
-    return {"requests_per_s": sum(requests_per_sample) / busy_s, "tokens_per_s": sum(tokens_per_sample) / busy_s}
+def succeeded(record: dict) -> bool:
+    """A load record says how it ended (`status`); an engine record exists only for a finished generation."""
+    return record.get("status", "ok") == "ok"
+
+
+def timing_stats(records: list[dict]) -> dict[str, Summary]:
+    """A Summary of each timing field over the successful records; `itl_ms` pools every gap of every request."""
+    ok = [r for r in records if succeeded(r)]
+    return {f: summarize(x for r in ok for x in r.get(f) or []) if f == "itl_ms" else summarize(r.get(f) for r in ok)
+            for f in TIMING_FIELDS}
+
+
+def meets_slo(record: dict, slo: dict[str, float]) -> bool:
+    """A successful request within every limit; no TPOT (one output token) meets any TPOT limit."""
+    if not succeeded(record):
+        return False
+    for key, limit in slo.items():
+        value = record.get(key)
+        if value is None and key == "tpot_ms":
+            continue
+        if value is None or value > limit:
+            return False
+    return True
+
+
+def duration_s(records: list[dict]) -> float:
+    """The time over which a point's requests were served, the denominator of every throughput.
+
+    Records on a run clock (`end_s`, seconds from the run's start: load runs) end it at the last
+    request's end. A serial in-process point runs its requests one after another, between other
+    points' turns and untimed work, so its duration is its requests laid back to back: the sum of
+    their E2E. NaN without a request.
+    """
+    if any("end_s" in r for r in records):
+        ends = [r["end_s"] for r in records if r.get("end_s") is not None]
+        return max(ends) if ends else float("nan")
+    busy = sum(r["e2e_ms"] for r in records if r.get("e2e_ms") is not None) / 1000.0
+    return busy if busy > 0 else float("nan")
+
+
+@dataclass(frozen=True)
+class Throughput:
+    duration_s: float
+    completed: int  # successful requests; a batch record counts each of its rows
+    prompt_tokens: float  # NaN when a successful request's prompt length is unknown
+    output_tokens: int
+    request_throughput: float  # completed / duration, requests/s
+    input_token_throughput: float
+    output_token_throughput: float
+    total_token_throughput: float
+    good_requests: int | None  # None without an SLO
+    goodput: float | None  # good_requests / duration
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def throughput(records: list[dict], slo: dict[str, float] | None = None) -> Throughput:
+    """Requests and tokens per second of `duration_s`, counting successful requests; goodput under `slo`."""
+    ok = [r for r in records if succeeded(r)]
+    duration = duration_s(records)
+    per_s = (lambda x: x / duration) if duration > 0 else (lambda x: float("nan"))
+    completed = sum(_rows(r) for r in ok)
+    # prompt tokens are unknown when a server reports no usage and no tokenizer was given
+    known = all(r.get("prompt_tokens") is not None for r in ok)
+    prompt = sum(r["prompt_tokens"] * _rows(r) for r in ok) if known else float("nan")
+    output = sum(r["output_tokens"] * _rows(r) for r in ok)
+    good = sum(_rows(r) for r in ok if meets_slo(r, slo)) if slo else None
+    return Throughput(
+        duration_s=duration,
+        completed=completed,
+        prompt_tokens=prompt,
+        output_tokens=output,
+        request_throughput=per_s(completed),
+        input_token_throughput=per_s(prompt),
+        output_token_throughput=per_s(output),
+        total_token_throughput=per_s(prompt + output),
+        good_requests=good,
+        goodput=None if good is None else per_s(good),
+    )
+
+
+def _rows(record: dict) -> int:
+    """Requests one record stands for: an engine record of a batch times its rows together."""
+    return record.get("batch_size", 1)
 
 
 def speedup(baseline_ms: float, candidate_ms: float) -> float:

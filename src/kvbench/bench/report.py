@@ -92,7 +92,7 @@ def render(info: dict, points: list[PointSummary], rows: list[Speedup], figures:
             f"| {p.point} | {p.n} | {_f(p.prompt_tokens, 0)} | {_f(p.output_tokens, 1)} "
             f"| {_f(t.mean)} ({_f(t.p50)} / {_f(t.p95)} / {_f(t.p99)}) | {_f(p.stats['tpot_ms'].mean, 2)} "
             f"| {_f(e.mean)} ± {_f(e.std)} | {_f(e.p50)} / {_f(e.p95)} / {_f(e.p99)} "
-            f"| {_f(d.mean)} ± {_f(d.std)} | {_f(p.requests_per_s, 2)} | {_f(p.tokens_per_s)} |"
+            f"| {_f(d.mean)} ± {_f(d.std)} | {_f(p.throughput.request_throughput, 2)} | {_f(p.throughput.output_token_throughput)} |"
         )
     lines += [
         "",

@@ -12,15 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
+from kvbench.bench.metrics import summarize
 from kvbench.bench.plots import _pyplot
 from kvbench.bench.preflight import human_bytes
 from kvbench.bench.records import RESULTS, RUN_INFO, atomic_write_text, read_records, read_run_info, run_kind
 from kvbench.errors import KvbenchError
-
-
-def _mean(values) -> float:
-    values = [v for v in values if v is not None]
-    return float(np.mean(values)) if values else float("nan")
 
 
 def _f(x: float, digits: int = 1) -> str:
@@ -35,23 +31,22 @@ def _groups(records, *fields):
 
 
 def mode_rows(records: list[dict]) -> list[dict]:
-    """One row per (workload, mode, tier) of the non-break-even workloads, `none` first."""
+    """One row per (workload, mode, tier), `none` first; the `*_ms` fields are Summaries of their requests."""
     none = {(r["workload"], r["trial"], r["request_index"]): r["ttft_ms"] for r in records if r["reuse_mode"] == "none"}
     rows = []
     for (workload, mode, recompute, tier), group in _groups(records, "workload", "reuse_mode", "recompute", "tier").items():
         warm = [r for r in group if r["request_index"] > 0]
-        reference = _mean(none.get((r["workload"], r["trial"], r["request_index"])) for r in warm)
-        warm_ttft = _mean(r["ttft_ms"] for r in warm)
-        matches = [r["greedy_match"] for r in warm if r.get("greedy_match") is not None]
-        floors = [r["floor_ms"] for r in warm if r.get("floor_ms") is not None]
+        reference = summarize(none.get((r["workload"], r["trial"], r["request_index"])) for r in warm)
+        warm_ttft = summarize(r["ttft_ms"] for r in warm)
+        floor = summarize(r.get("floor_ms") for r in warm)
         rows.append({
             "workload": workload, "mode": mode if recompute is None else f"{mode}:{recompute}", "tier": tier,
-            "prompt_tokens": _mean(r["prompt_tokens"] for r in group),
-            "cold_ttft_ms": _mean(r["ttft_ms"] for r in group if r["request_index"] == 0),
-            "warm_ttft_ms": warm_ttft, "none_ttft_ms": reference, "speedup": reference / warm_ttft,
-            "reuse_ratio": _mean(r["reuse_ratio"] for r in warm),
-            "match_rate": _mean(float(m) for m in matches) if matches else float("nan"),
-            "floor_ms": _mean(floors), "warm_over_floor": warm_ttft / _mean(floors) if floors else float("nan"),
+            "prompt_tokens": summarize(r["prompt_tokens"] for r in group).mean,
+            "cold_ttft_ms": summarize(r["ttft_ms"] for r in group if r["request_index"] == 0),
+            "warm_ttft_ms": warm_ttft, "none_ttft_ms": reference, "speedup": reference.mean / warm_ttft.mean,
+            "reuse_ratio": summarize(r["reuse_ratio"] for r in warm).mean,
+            "match_rate": summarize(None if r.get("greedy_match") is None else float(r["greedy_match"]) for r in warm).mean,
+            "floor_ms": floor, "warm_over_floor": warm_ttft.mean / floor.mean,
         })
     order = {"none": 0, "prefix": 1, "chunk:none": 2, "chunk:selective": 3, "chunk:cacheblend": 4}
     return sorted(rows, key=lambda r: (r["workload"], order.get(r["mode"], 9), r["tier"]))
@@ -101,18 +96,18 @@ def _reuse(records: list[dict], figures: Path) -> list[str]:
              "| workload | mode | prompt tokens | cold TTFT ms | warm TTFT ms | speedup | reuse ratio | greedy match | floor ms | warm / floor |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in main:
-        lines.append(f"| {r['workload']} | {r['mode']} | {r['prompt_tokens']:.0f} | {_f(r['cold_ttft_ms'])} | "
-                     f"{_f(r['warm_ttft_ms'])} | {_f(r['speedup'], 2)}x | {_f(r['reuse_ratio'], 2)} | "
-                     f"{_f(r['match_rate'], 2)} | {_f(r['floor_ms'])} | {_f(r['warm_over_floor'], 2)} |")
+        lines.append(f"| {r['workload']} | {r['mode']} | {r['prompt_tokens']:.0f} | {_f(r['cold_ttft_ms'].mean)} | "
+                     f"{_f(r['warm_ttft_ms'].mean)} | {_f(r['speedup'], 2)}x | {_f(r['reuse_ratio'], 2)} | "
+                     f"{_f(r['match_rate'], 2)} | {_f(r['floor_ms'].mean)} | {_f(r['warm_over_floor'], 2)} |")
     turns = [r for r in records if r.get("turn") is not None]
     if turns:
         lines += ["", "## Multi-turn: TTFT per turn", "", "| turn | prompt tokens | none ms | prefix ms | speedup | reuse ratio |", "|---|---|---|---|---|---|"]
         by_turn = _groups(turns, "turn", "reuse_mode", "recompute")
         for turn in sorted({r["turn"] for r in turns}):
             none, prefix = by_turn.get((turn, "none", None), []), by_turn.get((turn, "prefix", None), [])
-            n, p = _mean(r["ttft_ms"] for r in none), _mean(r["ttft_ms"] for r in prefix)
-            lines.append(f"| {turn} | {_mean(r['prompt_tokens'] for r in none):.0f} | {_f(n)} | {_f(p)} | {_f(n / p, 2)}x | "
-                         f"{_f(_mean(r['reuse_ratio'] for r in prefix), 2)} |")
+            n, p = summarize(r["ttft_ms"] for r in none).mean, summarize(r["ttft_ms"] for r in prefix).mean
+            lines.append(f"| {turn} | {summarize(r['prompt_tokens'] for r in none).mean:.0f} | {_f(n)} | {_f(p)} | "
+                         f"{_f(n / p, 2)}x | {_f(summarize(r['reuse_ratio'] for r in prefix).mean, 2)} |")
     even = [r for r in rows if r["workload"].startswith("break-even-")]
     if even:
         lines += ["", "## Loading against recomputing, per tier", "",
@@ -121,8 +116,8 @@ def _reuse(records: list[dict], figures: Path) -> list[str]:
         tiers = sorted({r["tier"] for r in even if r["mode"] == "prefix"})
         for size in sorted({int(r["workload"].rsplit("-", 1)[1]) for r in even}):
             cells = {r["tier"]: r for r in even if r["workload"] == f"break-even-{size}"}
-            lines.append(f"| {size} | {_f(cells['-']['warm_ttft_ms']) if '-' in cells else '–'} | "
-                         + " | ".join(f"{_f(cells[t]['warm_ttft_ms'])} ({_f(cells[t]['speedup'], 2)}x at reuse ratio "
+            lines.append(f"| {size} | {_f(cells['-']['warm_ttft_ms'].mean) if '-' in cells else '–'} | "
+                         + " | ".join(f"{_f(cells[t]['warm_ttft_ms'].mean)} ({_f(cells[t]['speedup'], 2)}x at reuse ratio "
                                       f"{_f(cells[t]['reuse_ratio'], 2)})" if t in cells else "–" for t in tiers) + " |")
         points = break_even(rows)
         smallest = min(int(r["workload"].rsplit("-", 1)[1]) for r in even)
@@ -147,7 +142,7 @@ def _ttft_figure(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(workloads)), 4))
     width = 0.8 / max(1, len(modes))
     for i, mode in enumerate(modes):
-        values = [next((r["warm_ttft_ms"] for r in rows if r["workload"] == w and r["mode"] == mode), np.nan) for w in workloads]
+        values = [next((r["warm_ttft_ms"].mean for r in rows if r["workload"] == w and r["mode"] == mode), np.nan) for w in workloads]
         ax.bar(np.arange(len(workloads)) + i * width, values, width, label=mode)
     ax.set_xticks(np.arange(len(workloads)) + 0.4 - width / 2, workloads, rotation=20, ha="right")
     ax.set_ylabel("warm TTFT (ms)")
@@ -158,23 +153,36 @@ def _ttft_figure(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def stream_rows(records: list[dict]) -> list[dict]:
+    """One row per traffic stream; the `*_ms` fields are Summaries of its requests (hits, misses, all)."""
+    rows = []
+    for (stream,), group in sorted(_groups(records, "stream").items()):
+        group = sorted(group, key=lambda r: (r["trial"], r["request_index"]))
+        tier_tokens = sum(sum(r["tier_tokens"].values()) for r in group)
+        rows.append({
+            "stream": stream, "requests": len(group), "hit_rate": summarize(float(r["hit"]) for r in group).mean,
+            "reuse_ratio": summarize(r["reuse_ratio"] for r in group).mean,
+            "from_disk": sum(r["tier_tokens"].get("disk", 0) for r in group) / max(1, tier_tokens),
+            "ttft_ms": summarize(r["ttft_ms"] for r in group),
+            "hit_ttft_ms": summarize(r["ttft_ms"] for r in group if r["hit"]),
+            "miss_ttft_ms": summarize(r["ttft_ms"] for r in group if not r["hit"]),
+            "ram_bytes": group[-1]["ram_bytes"], "disk_bytes": group[-1]["disk_bytes"], "evictions": group[-1]["evictions"],
+        })
+    return rows
+
+
 def _traffic(records: list[dict], figures: Path) -> list[str]:
     lines = ["## Request streams over a document pool", "",
              "| stream | requests | hit rate | reuse ratio | hit tokens from disk | mean TTFT ms | TTFT hit / miss ms | RAM at end | disk at end | RAM evictions |",
              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in stream_rows(records):
+        lines.append(f"| {r['stream']} | {r['requests']} | {r['hit_rate']:.2f} | {r['reuse_ratio']:.2f} | {r['from_disk']:.2f} | "
+                     f"{r['ttft_ms'].mean:.1f} | {_f(r['hit_ttft_ms'].mean)} / {_f(r['miss_ttft_ms'].mean)} | "
+                     f"{human_bytes(r['ram_bytes'])} | {human_bytes(r['disk_bytes'])} | {r['evictions']} |")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for (stream,), group in sorted(_groups(records, "stream").items()):
         group.sort(key=lambda r: (r["trial"], r["request_index"]))
-        hits = [r for r in group if r["hit"]]
-        misses = [r for r in group if not r["hit"]]
-        last = group[-1]
-        from_disk = sum(r["tier_tokens"].get("disk", 0) for r in group) / max(1, sum(sum(r["tier_tokens"].values()) for r in group))
-        lines.append(f"| {stream} | {len(group)} | {len(hits) / len(group):.2f} | {_mean(r['reuse_ratio'] for r in group):.2f} | "
-                     f"{from_disk:.2f} | "
-                     f"{_mean(r['ttft_ms'] for r in group):.1f} | {_f(_mean(r['ttft_ms'] for r in hits))} / "
-                     f"{_f(_mean(r['ttft_ms'] for r in misses))} | {human_bytes(last['ram_bytes'])} | "
-                     f"{human_bytes(last['disk_bytes'])} | {last['evictions']} |")
         first = [r for r in group if r["trial"] == group[0]["trial"]]
         hit = np.array([float(r["hit"]) for r in first])
         window = min(8, len(hit))

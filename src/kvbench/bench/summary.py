@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvbench.bench.metrics import Summary, speedup, summarize, throughput
+from kvbench.bench.metrics import Summary, Throughput, speedup, summarize, throughput, timing_stats
 
-TIMED_FIELDS = ("ttft_ms", "tpot_ms", "e2e_ms", "decode_ms", "decode_tokens_per_s")
 QUALITY_FIELDS = ("greedy_agreement", "top1_agreement", "kl_mean", "perplexity", "reference_perplexity", "accuracy")
 AGREEMENT_WARNING = 0.9  # greedy agreement with dynamic below this gets a warning in reports
 
@@ -25,9 +24,8 @@ class PointSummary:
     output_tokens: float  # mean tokens generated per row
     batch_size: int
     n: int
-    stats: dict[str, Summary]  # TIMED_FIELDS + "itl_ms" (all gaps pooled)
-    requests_per_s: float
-    tokens_per_s: float
+    stats: dict[str, Summary]  # metrics.TIMING_FIELDS ("itl_ms": all gaps pooled)
+    throughput: Throughput
     kv_cache_bytes: int
     peak_mem_bytes: int
     prefill_peak_mem_bytes: int | None
@@ -52,11 +50,6 @@ def summarize_points(records: list[dict]) -> list[PointSummary]:
 
 def _summarize_group(key: str, rs: list[dict]) -> PointSummary:
     first = rs[0]
-    stats = {f: summarize(r.get(f) for r in rs) for f in TIMED_FIELDS}
-    stats["itl_ms"] = summarize(x for r in rs for x in r.get("itl_ms", []))
-    tput = throughput(
-        [r["e2e_ms"] for r in rs], [r["batch_size"] for r in rs], [r["output_tokens"] * r["batch_size"] for r in rs]
-    )
     return PointSummary(
         point=key,
         model=first["model"],
@@ -70,9 +63,8 @@ def _summarize_group(key: str, rs: list[dict]) -> PointSummary:
         output_tokens=summarize(r["output_tokens"] for r in rs).mean,
         batch_size=first["batch_size"],
         n=len(rs),
-        stats=stats,
-        requests_per_s=tput["requests_per_s"],
-        tokens_per_s=tput["tokens_per_s"],
+        stats=timing_stats(rs),
+        throughput=throughput(rs),
         kv_cache_bytes=max(r["kv_cache_bytes"] for r in rs),
         peak_mem_bytes=max(r["peak_mem_bytes"] for r in rs),
         prefill_peak_mem_bytes=_max_or_none(r.get("prefill_peak_mem_bytes") for r in rs),

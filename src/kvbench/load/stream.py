@@ -1,10 +1,9 @@
 """One streamed request to an OpenAI-compatible server, timed chunk by chunk.
 
-Definitions (as in vLLM's serving benchmark, measured on the client):
-- TTFT: actual send -> first SSE chunk that carries generated text (a role-only chunk does not count).
-- ITL: every gap between consecutive text-bearing chunks (a chunk may carry several tokens).
-- TPOT: (E2E - TTFT) / (output tokens - 1): decode time per token, the first token excluded.
-- E2E: actual send -> end of the stream.
+Its timing fields come from `bench.metrics.request_timing` (defined in docs/metrics.md), from the
+actual send, the arrival of each SSE chunk that carries generated text (a role-only chunk does not
+count; a chunk may carry several tokens) and the end of the stream.
+
 Token counts come from the server's `usage` (asked for with `stream_options.include_usage`,
 `usage_source` "server"). A server that reports none (llama-cpp-python) gets client counts
 (`usage_source` "client"): the prompt through the local tokenizer when one is given (a chat request
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from kvbench.bench.metrics import request_timing
 from kvbench.load.workloads import Request, Tokenizer
 
 ENDPOINTS = ("completions", "chat")
@@ -73,19 +73,15 @@ class Trace:
 
     def record(self, tokenizer: Tokenizer | None = None, chat: bool = False) -> dict:
         """The results.jsonl record; times relative to the run start, durations in ms."""
-        ms = lambda a, b: (b - a) * 1000.0 if a is not None and b is not None else None  # noqa: E731
-        first = self.chunks[0] if self.chunks else None
         prompt_tokens, output_tokens, cached, source, counted_by = self._token_counts(tokenizer, chat)
-        ttft, e2e = ms(self.sent, first), ms(self.sent, self.end)
-        tpot = (e2e - ttft) / (output_tokens - 1) if ttft is not None and e2e is not None and output_tokens > 1 else None
+        timing = request_timing(self.chunks, start_s=self.sent, end_s=self.end, output_tokens=output_tokens,
+                                scheduled_s=self.t0 + self.scheduled_s)
         req = self.request
         return {
             "index": req.index, "scheduled_s": self.scheduled_s,
             "sent_s": None if self.sent is None else self.sent - self.t0,
-            "send_lag_ms": ms(self.t0 + self.scheduled_s, self.sent),
             "end_s": None if self.end is None else self.end - self.t0,
-            "ttft_ms": ttft, "itl_ms": [ms(a, b) for a, b in zip(self.chunks, self.chunks[1:])],
-            "tpot_ms": tpot, "e2e_ms": e2e,
+            **vars(timing),
             "prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "cached_tokens": cached,
             "usage_source": source, "output_tokens_by": counted_by, "status": self.status, "error": self.error,
             "prefix_id": req.prefix_id, "shared_prefix": req.shared_prefix, "turn": req.turn,
