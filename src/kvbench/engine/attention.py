@@ -116,7 +116,8 @@ def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, v
     return output, None
 
 
-def _register() -> None:
+def register() -> None:
+    """Add this path to transformers' attention and mask interfaces (once)."""
     if NAME not in ALL_MASK_ATTENTION_FUNCTIONS:
         AttentionInterface.register(NAME, attention)
         AttentionMaskInterface.register(NAME, tail_mask)
@@ -130,7 +131,7 @@ def engaged(model: torch.nn.Module) -> Iterator[bool]:
     if config._attn_implementation != SERVES:
         yield config._attn_implementation == NAME
         return
-    _register()
+    register()
     config._attn_implementation = NAME
     try:
         yield True
