@@ -99,14 +99,16 @@ def query_mass(
     batch, heads, q_len, dim = q.shape
     kv_heads, kv_len = keys.shape[1], keys.shape[2]
     q = q.reshape(batch, kv_heads, heads // kv_heads, q_len, dim)
+    if q_len == 1:  # a decode step: one query sees every key, no mask and no chunks
+        scores = torch.matmul(q[:, :, :, 0].float(), keys.float().transpose(-1, -2)).mul_(scale)
+        return scores.softmax(dim=-1).mean(dim=2)
     first_query_pos = kv_len - q_len  # the queries sit at the end of the cached sequence
     mass = torch.zeros(batch, kv_heads, kv_len, device=keys.device, dtype=torch.float32)
     key_pos = torch.arange(kv_len, device=keys.device)
     for start in range(0, q_len, chunk):
         qc = q[:, :, :, start:start + chunk]
         scores = torch.einsum("bhgqd,bhkd->bhgqk", qc.float(), keys.float()) * scale
-        if q_len > 1:  # a single (decode) query attends every key
-            q_pos = first_query_pos + start + torch.arange(qc.shape[3], device=keys.device)
-            scores = scores.masked_fill(key_pos[None, :] > q_pos[:, None], float("-inf"))
+        q_pos = first_query_pos + start + torch.arange(qc.shape[3], device=keys.device)
+        scores = scores.masked_fill(key_pos[None, :] > q_pos[:, None], float("-inf"))
         mass += scores.softmax(dim=-1).mean(dim=2).sum(dim=2)
     return mass
