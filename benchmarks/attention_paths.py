@@ -132,6 +132,30 @@ def measure(lm, cached, methods, new_tokens, rounds):
     return point
 
 
+def gemm_gflops(n: int = 1024, repeats: int = 10) -> float:
+    """This machine's fp32 matmul rate on a square n x n product (median of `repeats`)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def flops(config, cached: int, new_tokens: int) -> dict:
+    """GFLOP of the q new tokens' weight matmuls (every decoder linear layer) and of their attention over
+    the p cached keys (q.k and p.v, every query head); what the ratio would be if both ran at one rate."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv = config.num_key_value_heads * head_dim
+    per_layer = (2 * config.hidden_size * config.hidden_size + 2 * config.hidden_size * kv
+                 + 3 * config.hidden_size * config.intermediate_size)
+    weights = 2 * per_layer * config.num_hidden_layers * new_tokens / 1e9
+    attention = 4 * config.num_attention_heads * head_dim * cached * config.num_hidden_layers * new_tokens / 1e9
+    return {"weights_gflop": weights, "cached_attention_gflop": attention, "equal_rate_ratio": 1 + attention / weights}
+
+
 def render(results) -> str:
     lines = [f"# Attention paths: {results['new_tokens']} new tokens after p cached, whole model, fp32, "
              f"{results['threads']} threads", "", f"Command: `{results['command']}`  ", f"Date: {results['date']}",
@@ -144,6 +168,11 @@ def render(results) -> str:
                          f"{m['max_abs_logit_diff']:.1e} | {'yes' if m['argmax_identical'] else 'NO'} |")
     slow_first = ", ".join(f"{p['model']} p={p['cached']} {label} {m['first_call_s']:.1f} s"
                            for p in results["points"] for label, m in p["methods"].items() if m["first_call_s"] > 5)
+    lines += ["", "| model | p | weight GFLOP (q tokens) | cached-attention GFLOP | ratio if both ran at one rate |",
+              "|---|---:|---:|---:|---:|"]
+    lines += [f"| {p['model']} | {p['cached']} | {p['weights_gflop']:.1f} | {p['cached_attention_gflop']:.1f} | "
+              f"{p['equal_rate_ratio']:.2f}x |" for p in results["points"]]
+    lines += ["", f"fp32 matmul rate of this machine in the same run (1024^3): {results['gemm_1024_gflops']:.0f} GFLOP/s."]
     lines += ["", "ratio: median time of the q new tokens after p cached / median time of the same tokens with no "
               "cache (kvbench's path; the no-cache forward is the same for every method). First calls, untimed "
               f"(flex compiles there; those over 5 s: {slow_first or 'none'})."]
@@ -172,12 +201,15 @@ def main() -> None:
                        and not (k == "per-query loop" and cached > 2000)}  # q SDPA calls per layer: minutes at 8000
             point = measure(lm, cached, methods, args.new_tokens, args.rounds)
             point["model"] = model
+            point.update(flops(lm.config, cached, args.new_tokens))
             points.append(point)
             for label, m in point["methods"].items():
                 print(f"{model} p={cached:5d} {label:<22} {m['median_ms']:8.1f} ms  {m['ratio_to_no_cache']:.2f}x "
                       f"no-cache {point['no_cache_median_ms']:.1f} ms  max|dlogit| {m['max_abs_logit_diff']:.1e}"
                       f"  argmax same {m['argmax_identical']}", flush=True)
-    results = {"command": "python benchmarks/attention_paths.py " + " ".join(
+    peak = gemm_gflops()
+    print(f"fp32 matmul 1024^3: {peak:.0f} GFLOP/s")
+    results = {"gemm_1024_gflops": peak, "command": "python benchmarks/attention_paths.py " + " ".join(
                    f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, "")),
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "new_tokens": args.new_tokens,
                "rounds": args.rounds, "threads": torch.get_num_threads(), "environment": describe(torch.device("cpu")),
