@@ -56,6 +56,15 @@ def test_the_path_equals_the_reference_attention(batch, heads, kv_heads, q_len, 
     assert attention.PathCounts.tail - before == (1 if 1 < q_len < cached + q_len else 0)
 
 
+@pytest.mark.parametrize("batch, heads, kv_heads, q_len, cached, dim", [s for s in SHAPES if 1 < s[3] and s[4]])
+def test_the_masked_tail_for_other_devices_equals_the_reference(batch, heads, kv_heads, q_len, cached, dim):
+    gen = torch.Generator().manual_seed(q_len)
+    query = torch.randn(batch, heads, q_len, dim, generator=gen)
+    key, value = (torch.randn(batch, kv_heads, cached + q_len, dim, generator=gen) for _ in range(2))
+    output = attention.masked_tail_attention(query, key, value, dim ** -0.5)
+    assert (output - reference(query, key, value, dim ** -0.5)).abs().max() < 1e-5
+
+
 def _mask(**kwargs):
     base = dict(batch_size=1, q_length=4, kv_length=10, q_offset=6, mask_function=causal_mask_function,
                 device="cpu", dtype=torch.float32)

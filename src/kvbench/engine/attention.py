@@ -77,13 +77,11 @@ def tail_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     """Causal attention of `query` [b, heads, q, d] as the last q of `key`/`value` [b, kv_heads, p + q, d]
     (0 < q, 0 < p): the cached keys unmasked, the new ones causally, merged by log-sum-exp.
     Returns [b, heads, q, d]."""
+    if query.device.type != "cpu":  # the LSE-returning kernel used here is CPU-only
+        return masked_tail_attention(query, key, value, scaling)
     batch, heads, q_len, dim = query.shape
     kv_heads, cached = key.shape[1], key.shape[2] - q_len
     groups = heads // kv_heads
-    if query.device.type != "cpu":  # the LSE-returning kernel used here is CPU-only: the masked reference
-        allowed = torch.ones(q_len, q_len + cached, dtype=torch.bool, device=query.device).tril(cached)
-        return torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=allowed, scale=scaling, enable_gqa=groups > 1)
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     # The query heads sharing a KV head read the same cached keys: fold them into one query block.
     folded = query.reshape(batch, kv_heads, groups * q_len, dim)
@@ -95,6 +93,14 @@ def tail_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     old_weight, new_weight = (old_lse - top).exp_(), (new_lse - top).exp_()
     total = old_weight + new_weight
     return torch.addcmul(old * (old_weight / total).unsqueeze(-1), new, (new_weight / total).unsqueeze(-1))
+
+
+def masked_tail_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+    """`tail_attention` with a dense causal mask, in one SDPA call (devices without the CPU flash kernel)."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+    return torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=allowed, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
 
 
 def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
