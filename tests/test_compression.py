@@ -119,17 +119,25 @@ def test_eviction_really_frees_kv_bytes(tiny, name):
     assert len(result.tokens[0]) == 12
 
 
-def test_score_hooks_are_removed_after_generation(tiny):
-    generate(tiny, build_strategy("h2o", budget=0.5), PROMPT, GREEDY)
-    assert all(not m._forward_hooks for m in attention_modules(tiny.model))
+def _unhooked(lm) -> bool:
+    """No forward hook and no attention-path observer left on any attention layer."""
+    return all(not m._forward_hooks and not m._forward_pre_hooks and not hasattr(m, "_kvbench_attention_observer")
+               for m in attention_modules(lm.model))
 
 
-def test_hooks_are_removed_even_when_generation_fails(tiny, monkeypatch):
-    strategy = build_strategy("h2o", budget=0.5)
-    monkeypatch.setattr(type(strategy), "observe", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+@pytest.mark.parametrize("name", ["h2o", "snapkv"])
+def test_score_hooks_are_removed_after_generation(tiny, name):
+    generate(tiny, build_strategy(name, budget=0.5), PROMPT, GREEDY)
+    assert _unhooked(tiny)
+
+
+@pytest.mark.parametrize("name, method", [("h2o", "accumulate"), ("snapkv", "observe")])
+def test_hooks_are_removed_even_when_generation_fails(tiny, monkeypatch, name, method):
+    strategy = build_strategy(name, budget=0.5)
+    monkeypatch.setattr(type(strategy), method, lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
         generate(tiny, strategy, PROMPT, GREEDY)
-    assert all(not m._forward_hooks for m in attention_modules(tiny.model))
+    assert _unhooked(tiny)
 
 
 # --- quantization ---------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from kvbench.cli import main
-from kvbench.engine import GenerationConfig, generate
+from kvbench.engine import GenerationConfig, attention, generate
 from kvbench.engine.teacher import teacher_forced_logprobs
 from kvbench.errors import NotEngaged
 from kvbench.strategies import build_strategy, eviction
@@ -23,6 +23,12 @@ from kvbench.strategies.quantized import QuantizedLayer
 PROMPT_TOKENS, NEW_TOKENS = 256, 8
 EVICTION = ["sink", "h2o", "snapkv"]
 SCORED = ["h2o", "snapkv", "speculative_fetch"]
+
+
+def _silence_scores(monkeypatch):
+    """Scores never reach the strategies: no hooks (snapkv, speculative_fetch), no attention-path observer (h2o)."""
+    monkeypatch.setattr(eviction, "attention_hooks", lambda *args, **kwargs: nullcontext())
+    monkeypatch.setattr(attention, "observing", lambda *args, **kwargs: nullcontext())
 
 
 def _prompt(lm, n=PROMPT_TOKENS, seed=0):
@@ -74,7 +80,7 @@ def test_every_mechanism_engages_on_the_embedded_model(embedded):
 
 @pytest.mark.parametrize("name", SCORED)
 def test_scoring_hooks_that_never_fire_fail_the_generation(tiny, monkeypatch, name):
-    monkeypatch.setattr(eviction, "attention_hooks", lambda *args, **kwargs: nullcontext())
+    _silence_scores(monkeypatch)
     with pytest.raises(NotEngaged, match="hooks"):
         _run(tiny, build_strategy(name, budget=0.25), _prompt(tiny))
 
@@ -99,7 +105,7 @@ def test_offloading_that_never_moves_the_kv_fails_the_generation(tiny, monkeypat
 
 
 def test_teacher_forcing_checks_engagement_too(tiny, monkeypatch):
-    monkeypatch.setattr(eviction, "attention_hooks", lambda *args, **kwargs: nullcontext())
+    _silence_scores(monkeypatch)
     with pytest.raises(NotEngaged):
         teacher_forced_logprobs(tiny, build_strategy("h2o", budget=0.25), _prompt(tiny), [11, 12, 13])
 
@@ -111,7 +117,7 @@ def test_a_point_whose_strategy_did_not_engage_fails_the_run(tmp_path, monkeypat
         "strategies: [dynamic, {name: h2o, budget: 0.25}]\nbaseline: dynamic\n"
         "prompt_tokens: [256]\noutput_tokens: [4]\ntrials: 1\nwarmup: 0\n"
     )
-    monkeypatch.setattr(eviction, "attention_hooks", lambda *args, **kwargs: nullcontext())
+    _silence_scores(monkeypatch)
     assert main(["run", str(suite), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "h2o's attention-score hooks never fired" in err[0]

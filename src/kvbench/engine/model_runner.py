@@ -8,6 +8,10 @@ model takes is read from its forward's signature, once per model class.
 Positions and masks are passed through as given, so a caller can run any layout the model accepts:
 a contiguous tail after cached tokens (positions only), tokens interleaved with cached ones, or several
 sequences packed into one row, each with a 4D additive mask `[batch, 1, q_len, kv_len]`.
+
+An `sdpa` model runs on kvbench's attention path (`kvbench.engine.attention`) for the call: new
+tokens after cached ones attend without a dense mask; every other layout gets sdpa's own mask and
+kernel. A call whose path was on but never ran fails loudly instead of measuring another attention.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import inspect
 
 import torch
 
+from kvbench.engine import attention
 from kvbench.errors import KvbenchError
 
 CACHE_KEYWORDS = ("cache", "past_key_values")  # newest first
@@ -58,4 +63,12 @@ def forward(
         kwargs["position_ids"] = positions
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask
-    return model(**kwargs).logits
+    with attention.engaged(model) as on:
+        before = attention.PathCounts.total()
+        logits = model(**kwargs).logits
+    if on and attention.PathCounts.total() == before:
+        raise KvbenchError(
+            f"{type(model).__name__} never called kvbench's attention path; this model or transformers version "
+            "dispatches attention another way (kvbench env shows the tested range)"
+        )
+    return logits

@@ -77,20 +77,31 @@ def attention_mass(
     module: torch.nn.Module, hidden: torch.Tensor, rope, keys: torch.Tensor, last_queries: int | None = None,
     chunk: int = 256,
 ) -> torch.Tensor:
+    """Attention each cached key receives from this step's queries, recomputed from the layer input
+    (for a hook): `query_mass` of the layer's rotated queries."""
+    q = queries(module, hidden, rope)
+    return query_mass(q, keys, getattr(module, "scaling", q.shape[-1] ** -0.5), last_queries, chunk)
+
+
+def query_mass(
+    q: torch.Tensor, keys: torch.Tensor, scale: float, last_queries: int | None = None, chunk: int = 256,
+) -> torch.Tensor:
     """Attention each cached key receives, summed over this step's queries: [batch, kv_heads, kv_len].
 
-    keys: [batch, kv_heads, kv_len, head_dim], the cache after this step's update; the step's queries
-    are its last q_len positions (causal among themselves). `last_queries` keeps only the final ones
-    (an observation window). Probabilities are averaged over the query heads that share a KV head,
-    and computed `chunk` queries at a time so a long prefill never holds the whole score matrix.
+    q: rotated queries [batch, heads, q_len, head_dim]; keys: [batch, kv_heads, kv_len, head_dim], the
+    cache after this step's update; the step's queries are its last q_len positions (causal among
+    themselves). `last_queries` keeps only the final ones (an observation window). Probabilities are
+    averaged over the query heads that share a KV head, and computed `chunk` queries at a time so a
+    long prefill never holds the whole score matrix.
     """
-    q = queries(module, hidden, rope)
     if last_queries is not None:
         q = q[:, :, -last_queries:]
     batch, heads, q_len, dim = q.shape
     kv_heads, kv_len = keys.shape[1], keys.shape[2]
-    q = q.view(batch, kv_heads, heads // kv_heads, q_len, dim)
-    scale = getattr(module, "scaling", dim ** -0.5)
+    q = q.reshape(batch, kv_heads, heads // kv_heads, q_len, dim)
+    if q_len == 1:  # a decode step: one query sees every key, no mask and no chunks
+        scores = torch.matmul(q[:, :, :, 0].float(), keys.float().transpose(-1, -2)).mul_(scale)
+        return scores.softmax(dim=-1).mean(dim=2)
     first_query_pos = kv_len - q_len  # the queries sit at the end of the cached sequence
     mass = torch.zeros(batch, kv_heads, kv_len, device=keys.device, dtype=torch.float32)
     key_pos = torch.arange(kv_len, device=keys.device)
