@@ -27,7 +27,6 @@ from kvbench.bench.metrics import request_timing
 from kvbench.bench.outlock import locked
 from kvbench.bench.records import RESULTS, RUN_INFO, ResultsWriter, atomic_write_text, repair
 from kvbench.bench.reuse_spec import STREAMS, ReusePoint, ReuseSuiteSpec, TrafficSuiteSpec, parse_mode
-from kvbench.bench.reuse_workloads import ReuseRequest, Texts, build, document_pool
 from kvbench.bench.runner import RunOptions, RunOutcome, prepare_out_dir
 from kvbench.device import resolve_device
 from kvbench.engine import GenerationConfig, GenerationResult, generate
@@ -37,6 +36,9 @@ from kvbench.errors import KvbenchError
 from kvbench.models import LoadedModel, load_model
 from kvbench.reuse import ReuseCache, ReuseConfig
 from kvbench.strategies import build_strategy
+from kvbench.workloads import Request, WorkloadSpec, build_requests, for_model
+from kvbench.workloads.corpus import Corpus
+from kvbench.workloads.reuse import document_pool
 
 _DISK_TIER = "kvbench-disk-tier-"
 
@@ -57,10 +59,10 @@ def _run_reuse_suite(spec: ReuseSuiteSpec | TrafficSuiteSpec, options: RunOption
     measured = drop_cut_sequences(results_path, spec, existing.records)
     done = {(r["point"], r["trial"]) for r in measured}
     todo = [(p, t) for t in range(spec.trials) for p in spec.points() if (p.key, t) not in done]
-    texts = Texts(lm.tokenizer, spec.seed)
+    texts = Corpus(for_model(lm), spec.seed)
     references = {(r["workload"], r["trial"], r["request_index"]): r["output_ids"]
                   for r in measured if r["reuse_mode"] == "none"}
-    measure = _ReuseSequences(spec, lm, texts, references) if spec.kind == "reuse" else _TrafficStreams(spec, lm, texts)
+    measure = _ReuseSequences(spec, lm, references) if spec.kind == "reuse" else _TrafficStreams(spec, lm, texts)
     for point, trial in todo:  # every request fits the model, before anything is measured
         for request in measure.requests(point, trial):
             check_prompts(lm, [request.ids], spec.output_tokens)
@@ -172,13 +174,14 @@ def _cache(lm, spec, mode: str, disk_dir: str | None, **extra) -> ReuseCache:
 
 
 class _ReuseSequences:
-    def __init__(self, spec: ReuseSuiteSpec, lm, texts, references: dict):
-        self.spec, self.lm, self.texts, self.references = spec, lm, texts, references
+    def __init__(self, spec: ReuseSuiteSpec, lm, references: dict):
+        self.spec, self.lm, self.references = spec, lm, references
         self.dynamic = build_strategy("dynamic")
         self.config = GenerationConfig(max_new_tokens=spec.output_tokens, stop_at_eos=False)
 
-    def requests(self, point: ReusePoint, trial: int) -> list[ReuseRequest]:
-        return build(point.workload, self.texts, sequence_length(self.spec, point.workload))
+    def requests(self, point: ReusePoint, trial: int) -> list[Request]:
+        workload = WorkloadSpec(kind=f"reuse:{point.workload}", seed=self.spec.seed, output_tokens=self.spec.output_tokens)
+        return build_requests(workload, sequence_length(self.spec, point.workload), for_model(self.lm), form="ids")
 
     def __call__(self, point: ReusePoint, trial: int) -> list[dict]:
         requests = self.requests(point, trial)
@@ -241,9 +244,10 @@ class _TrafficStreams:
         self.dynamic = build_strategy("dynamic")
         self.config = GenerationConfig(max_new_tokens=spec.output_tokens, stop_at_eos=False)
 
-    def requests(self, point: ReusePoint, trial: int) -> list[ReuseRequest]:
+    def requests(self, point: ReusePoint, trial: int) -> list[Request]:
         """In the stream's order: a document of the pool, then a fresh question."""
-        return [ReuseRequest(self._prompt(doc, trial, i)) for i, doc in enumerate(stream_order(self.spec, point.workload, trial))]
+        return [Request(i, None, self.spec.output_tokens, ids=self._prompt(doc, trial, i))
+                for i, doc in enumerate(stream_order(self.spec, point.workload, trial))]
 
     def _prompt(self, doc: int, trial: int, i: int) -> list[int]:
         return self.pool[doc] + self.texts.encode("\n\nQ: ") + self.texts.prose(8, 10_000 + 97 * trial + i)

@@ -17,12 +17,12 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvbench.bench.reuse_workloads import check_workload
 from kvbench.bench.spec import suite_fields
 from kvbench.errors import KvbenchError
 from kvbench.models import EMBEDDED
 from kvbench.reuse import ReuseConfig
 from kvbench.reuse.assemble import RECOMPUTE
+from kvbench.workloads.reuse import check_name
 
 KINDS = ("reuse", "traffic")
 TIERS = ("ram", "disk")
@@ -107,7 +107,7 @@ class ReuseSuiteSpec(_ReuseSpecBase):
 
     def __post_init__(self):
         for w in self.workloads:
-            check_workload(w)
+            check_name(w)
         for m in self.modes:
             parse_mode(m)
         if "none" not in self.modes:

@@ -16,11 +16,13 @@ from typing import Any
 
 import yaml
 
-from kvbench.bench.workloads import WorkloadSpec
 from kvbench.errors import KvbenchError
 from kvbench.fields import checked_fields
 from kvbench.models import EMBEDDED
 from kvbench.strategies import STRATEGIES, build_strategy
+from kvbench.workloads import WorkloadSpec
+
+SUITE_AXES = {"prompt_tokens", "output_tokens"}  # WorkloadSpec fields a suite sweeps itself
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,8 @@ def _require_positive(name: str, values) -> None:
 def to_dict(spec: SuiteSpec) -> dict:
     d = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
     d["workload"] = dataclasses.asdict(spec.workload)
+    for key in SUITE_AXES:  # the suite's own lists set them per point
+        d["workload"].pop(key)
     d["workload"]["prompts"] = list(d["workload"]["prompts"])
     d["strategies"] = [s.name if not s.params else {"name": s.name, **dict(s.params)} for s in spec.strategies]
     for key in ("models", "prompt_tokens", "output_tokens", "batch_sizes", "budgets"):
@@ -190,6 +194,9 @@ def suite_fields(data: dict, cls: type, what: str) -> dict:
 def from_dict(data: dict) -> SuiteSpec:
     data = dict(data)
     if isinstance(data.get("workload"), dict):
+        if axes := SUITE_AXES & set(data["workload"]):
+            raise KvbenchError(f"workload key(s) {', '.join(sorted(axes))} belong to the suite, which sweeps them: "
+                               "write them one level up, as lists (prompt_tokens: [512])")
         data["workload"] = WorkloadSpec(**checked_fields(WorkloadSpec, data["workload"], "workload key"))
     if data.get("strategies") in ("all", ["all"]):
         data["strategies"] = STRATEGIES.names()

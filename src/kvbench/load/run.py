@@ -27,9 +27,9 @@ from kvbench.load.loadgen import run_load
 from kvbench.load.probe import check_server, served_models
 from kvbench.load.prometheus import scrape, server_deltas
 from kvbench.load.stream import ENDPOINTS, Endpoint
-from kvbench.load.workloads import (LoadWorkload, Request, Tokenizer, build_requests, context_window,
-                                      fitting_requests, load_tokenizer)
 from kvbench.errors import KvbenchError
+from kvbench.workloads import Request, Tokenizer, WorkloadSpec, build_requests
+from kvbench.workloads.tokenizer import context_window, fitting_requests, load_tokenizer
 
 DEFAULT_REQUESTS = 50  # when neither --num-requests nor --duration is given and the workload has no natural size
 
@@ -41,7 +41,7 @@ class LoadConfig:
     url: str
     model: str | None = None  # None: the one model the server lists
     endpoint: str = "completions"
-    workload: LoadWorkload = field(default_factory=LoadWorkload)
+    workload: WorkloadSpec = field(default_factory=WorkloadSpec)
     request_rates: tuple[float, ...] = (math.inf,)
     burstiness: float = 1.0
     max_concurrency: int | None = None
@@ -180,10 +180,11 @@ def rate_requests(config: LoadConfig, counts: dict[str, int], tokenizer: Tokeniz
     """Each rate's requests. By default no rate re-sends another's prompts: generated workloads are seeded
     per rate, and a .jsonl file is dealt out in turn (it must hold enough conversations)."""
     if config.same_prompts_each_rate:
-        shared = build_requests(config.workload, max(counts.values()), tokenizer)
+        shared = build_requests(config.workload, max(counts.values()), tokenizer, form="text")
         return {label: shared[:n] for label, n in counts.items()}
     if not config.workload.kind.endswith(".jsonl"):
-        return {label: build_requests(replace(config.workload, seed=prompt_seed(config, label)), n, tokenizer)
+        return {label: build_requests(replace(config.workload, seed=prompt_seed(config, label)), n, tokenizer,
+                                     form="text")
                 for label, n in counts.items()}
     total, available = sum(counts.values()), config.workload.natural_count
     if len(counts) > 1 and total > available:
@@ -191,7 +192,7 @@ def rate_requests(config: LoadConfig, counts: dict[str, int], tokenizer: Tokeniz
         raise KvbenchError(f"{config.workload.kind} holds {available} conversations and {len(counts)} rates need "
                            f"{total} for each to send its own; give {f'--num-requests {fit} or ' if fit else ''}"
                            "--same-prompts-each-rate")
-    dealt = iter(build_requests(config.workload, total, tokenizer))
+    dealt = iter(build_requests(config.workload, total, tokenizer, form="text"))
     return {label: [replace(r, index=i) for i, r in enumerate(itertools.islice(dealt, n))] for label, n in counts.items()}
 
 

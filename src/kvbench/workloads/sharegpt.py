@@ -45,9 +45,9 @@ class LengthBins:
         means, variances = (low + high - 1) / 2, (n ** 2 - 1) / 12
         return float(self.probabilities @ (variances + means ** 2) - self.mean() ** 2)
 
-    def draw(self, rng: np.random.Generator, count: int) -> list[int]:
-        bins = rng.choice(len(self.weights), size=count, p=self.probabilities)
-        return [int(rng.integers(self.low[b], self.high[b])) for b in bins]
+    def draw(self, rng: np.random.Generator) -> int:
+        b = rng.choice(len(self.weights), p=self.probabilities)
+        return int(rng.integers(self.low[b], self.high[b]))
 
 
 @lru_cache(maxsize=1)
@@ -61,9 +61,12 @@ def length_mix() -> tuple[LengthBins, LengthBins]:
 
 
 def build(spec: WorkloadSpec, tok: Tokenizer, count: int) -> list[Request]:
+    """Request i's lengths and text depend on (seed, i) only: a longer run begins with a shorter one's requests."""
     prompts, outputs = length_mix()
-    rng = np.random.default_rng([spec.seed, 0x5347])
-    prompt_lengths, output_lengths = prompts.draw(rng, count), outputs.draw(rng, count)
     corpus = Corpus(tok, spec.seed)
-    return [Request(i, None, o, ids=corpus.prose(p, 11_000 + i))
-            for i, (p, o) in enumerate(zip(prompt_lengths, output_lengths))]
+    requests = []
+    for i in range(count):
+        rng = np.random.default_rng([spec.seed, 0x5347, i])
+        prompt_tokens, output_tokens = prompts.draw(rng), outputs.draw(rng)
+        requests.append(Request(i, None, output_tokens, ids=corpus.prose(prompt_tokens, 11_000 + i)))
+    return requests

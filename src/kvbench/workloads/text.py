@@ -19,5 +19,5 @@ def build(spec: WorkloadSpec, tok: Tokenizer, count: int) -> list[Request]:
         return [Request(i, (user(spec.prompts[i % len(spec.prompts)]),), spec.output_tokens) for i in range(count)]
     corpus = Corpus(tok, path=spec.corpus)
     n = spec.prompt_tokens
-    slices = [corpus.window(n + spec.output_tokens, offset=i) for i in range(count)]
+    slices = [corpus.window(n + spec.output_tokens, offset=spec.seed + i) for i in range(count)]
     return [Request(i, None, spec.output_tokens, ids=s[:n], continuation=tuple(s[n:])) for i, s in enumerate(slices)]
