@@ -94,7 +94,8 @@ def main() -> None:
     generate(lm, build_strategy("dynamic"), [list(range(16, 80))], GenerationConfig(max_new_tokens=2))  # warm kernels
     table = []
     for workload in WORKLOADS:
-        prompts = [r.prompt for r in build_requests(WorkloadSpec(kind=f"reuse:{workload}"), args.requests, tok, form="text")]
+        spec = WorkloadSpec(kind=f"reuse:{workload}")
+        prompts = [r.prompt for r in build_requests(spec, args.requests, tok, form="text")]
         token_prompts = [tok(p)["input_ids"] for p in prompts]  # what kvboost feeds its model
         references = [reference_tokens(lm, ids) for ids in token_prompts]
         for name, how in systems.items():

@@ -227,3 +227,10 @@ def test_reuse_load_counts_fit_the_context_window():
     with pytest.raises(KvbenchError, match=f"request {fit + 1} of the reuse:multi-turn workload does not fit the "
                                            f"tokenizer's 2000-token context with 10 output tokens; give --num-requests {fit}$"):
         fit_context(asked, rate_requests(asked, {"inf": fit + 1}, tok), {"inf": asked.schedule(math.inf)}, tok)
+
+
+def test_a_suite_point_takes_one_pass_over_a_workload_with_an_end(tmp_path):
+    assert WorkloadSpec(kind="needle", tasks=("passkey", "vartrack"), depths=(0.2, 0.8)).distinct_prompts == 4
+    assert WorkloadSpec(kind="multi-turn", conversations=2, turns=3).distinct_prompts == 6
+    assert WorkloadSpec(kind=str(conversations(tmp_path, ["a", "b", "c"]))).distinct_prompts == 3
+    assert WorkloadSpec(kind="sharegpt-lengths", samples=5).distinct_prompts == 5  # no end: `samples`

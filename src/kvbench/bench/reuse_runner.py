@@ -180,7 +180,8 @@ class _ReuseSequences:
         self.config = GenerationConfig(max_new_tokens=spec.output_tokens, stop_at_eos=False)
 
     def requests(self, point: ReusePoint, trial: int) -> list[Request]:
-        workload = WorkloadSpec(kind=f"reuse:{point.workload}", seed=self.spec.seed, output_tokens=self.spec.output_tokens)
+        workload = WorkloadSpec(kind=f"reuse:{point.workload}", seed=self.spec.seed,
+                                output_tokens=self.spec.output_tokens)
         return build_requests(workload, sequence_length(self.spec, point.workload), for_model(self.lm), form="ids")
 
     def __call__(self, point: ReusePoint, trial: int) -> list[dict]:

@@ -1,7 +1,7 @@
-"""One workload library for every run kind: in-process suites, the reuse suites, `kvbench load` and the
-serving engine. A `WorkloadSpec` names a workload; `build_requests` turns it into `Request`s carrying
-token ids (in-process) or messages (a server), with the metadata kinds record (turn, shared prefix,
-needle answers). Imports without torch: the load client installs without it.
+"""One workload library for every run kind: in-process suites, the reuse suites and `kvbench load`.
+A `WorkloadSpec` names a workload; `build_requests` turns it into `Request`s carrying token ids
+(in-process) or messages (a server), with the metadata kinds record (turn, shared prefix, needle
+answers). Imports without torch: the load client installs without it.
 
 Families, one module each: `synthetic` (alias `random`), `text`, `needle`, `prefix_repetition`,
 `multi_turn`, `reuse` (`reuse:<name>`), `conversations` (a .jsonl path) and `sharegpt` (`sharegpt-lengths`).

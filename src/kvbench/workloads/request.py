@@ -7,7 +7,7 @@ multi-turn chats, a .jsonl of conversations). `complete` then renders the form a
 - ids -> text (`kvbench load`, a server): the decoded ids, as one user message. A server tokenizes
   that text again; for ids that came from text (the corpus) this gives the same ids back, for random ids
   (which no text tokenizes to) the synthetic workload renders its own text (see `synthetic.py`).
-- messages -> ids (in-process suites, reuse, the serving engine): the tokenizer's chat template with the
+- messages -> ids (in-process kinds: suites, reuse): the tokenizer's chat template with the
   generation prompt when it has one (what a chat server applies), else the messages' text, one per
   paragraph, with the tokenizer's special tokens.
 """

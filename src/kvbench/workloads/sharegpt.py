@@ -2,7 +2,9 @@
 
 Each request draws (prompt, output) token counts from `sharegpt_lengths.csv` (where its numbers come
 from is written at its top), seeded; the prompt is that many corpus tokens, `max_tokens` the drawn
-output length. `prompt_tokens` and `output_tokens` of the spec are not used: the mix sets both.
+output length. `prompt_tokens` and `output_tokens` of the spec are not used: the mix sets both. A run
+kind that generates a fixed length per point (a suite's `output_tokens`) keeps its own and ignores
+`max_tokens`; `kvbench load` sends each request's.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""One workload spec for every run kind: a suite's `workload:` block, `kvbench load`'s flags, the reuse
-suites' sequences (`reuse:<name>`) and the serving engine. `kvbench.fields.checked_fields` checks a raw
+"""One workload spec for every run kind: a suite's `workload:` block, `kvbench load`'s flags and the reuse
+suites' sequences (`reuse:<name>`). `kvbench.fields.checked_fields` checks a raw
 block against these fields (names and types); `__post_init__` checks the values: one validation path.
 
 A run kind that sweeps lengths (a suite's `prompt_tokens` and `output_tokens` lists) sets
@@ -80,10 +80,9 @@ class WorkloadSpec:
 
     @property
     def distinct_prompts(self) -> int:
-        """Distinct prompts per point (batch row) of a suite: every needle instance, else `samples`."""
-        if self.kind == "needle":
-            return len(self.tasks) * len(self.depths)
-        return self.samples
+        """Distinct prompts per point (batch row) of a suite: one pass over a workload with an end (every needle
+        instance, every turn of every conversation...), else `samples`."""
+        return self.natural_count or self.samples
 
     @property
     def natural_count(self) -> int | None:
@@ -93,7 +92,7 @@ class WorkloadSpec:
         if self.kind == "multi-turn":
             return self.conversations * self.turns
         if self.kind == "needle":
-            return self.distinct_prompts
+            return len(self.tasks) * len(self.depths)
         if self.family == "jsonl":
             return len(read_conversations(Path(self.kind)))
         return None

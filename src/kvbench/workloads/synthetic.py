@@ -25,7 +25,8 @@ def synthetic_ids(vocab_size: int, length: int, seed: int) -> list[int]:
 
 def build(spec: WorkloadSpec, tok: Tokenizer, count: int) -> list[Request]:
     if spec.prompt_tokens is None:
-        raise KvbenchError(f"the {spec.kind} workload needs prompt_tokens (a suite's list of lengths, or --prompt-tokens)")
+        raise KvbenchError(f"the {spec.kind} workload needs prompt_tokens (a suite's list of lengths, or "
+                           "--prompt-tokens)")
     return [Request(i, None, spec.output_tokens, ids=synthetic_ids(tok.vocab_size, spec.prompt_tokens, spec.seed + i))
             for i in range(count)]
 
