@@ -32,10 +32,11 @@ DEFAULT_PROMPTS = (
 class WorkloadSpec:
     kind: str = "synthetic"  # one of KINDS, reuse:<reuse workload>, or a path to a .jsonl file of conversations
     seed: int = 0
-    prompt_tokens: int | None = 128  # prompt (synthetic, text slices, needle context), suffix or user turn length
+    # prompt (synthetic, text slice, needle context), suffix or user turn length; None: text prompts as written
+    prompt_tokens: int | None = 128
     output_tokens: int = 64  # max_tokens of every request (sharegpt-lengths draws its own)
     prompts: tuple[str, ...] = field(default_factory=lambda: DEFAULT_PROMPTS)  # text, without prompt_tokens
-    samples: int = 1  # distinct prompts per point for synthetic and text slices; trials cycle through them
+    samples: int = 1  # a suite point's distinct prompts for workloads without an end; trials cycle through them
     corpus: str | None = None  # text file for text slices; default: Python's bundled docs
     tasks: tuple[str, ...] = ("passkey",)  # needle
     depths: tuple[float, ...] = (0.1, 0.5, 0.9)  # needle positions, 0 = start of the context
