@@ -36,7 +36,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvbench.bench.environment import describe
 from kvbench.bench.records import atomic_write_text
-from kvbench.bench.workloads import synthetic_prompt
+from kvbench.workloads.synthetic import synthetic_ids
 from kvbench.engine import attention
 from kvbench.engine.model_runner import forward
 from kvbench.models import load_model
@@ -102,7 +102,7 @@ def timed(lm, implementation, ids, cache, cached, logits_to_keep=1):
 
 
 def measure(lm, cached, methods, new_tokens, rounds):
-    prompt = torch.tensor([synthetic_prompt(lm.config.vocab_size, cached + new_tokens, seed=0)])
+    prompt = torch.tensor([synthetic_ids(lm.config.vocab_size, cached + new_tokens, seed=0)])
     cache = DynamicCache(config=lm.config)
     with torch.inference_mode():
         forward(lm.model, prompt[:, :cached], cache=cache)

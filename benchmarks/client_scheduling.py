@@ -26,7 +26,7 @@ from kvbench.bench.records import atomic_write_text
 from kvbench.load.arrivals import Arrivals
 from kvbench.load.loadgen import run_load
 from kvbench.load.stream import Endpoint
-from kvbench.load.workloads import Request
+from kvbench.workloads import Request
 
 
 def free_port() -> int:

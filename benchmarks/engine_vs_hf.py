@@ -21,7 +21,7 @@ from transformers import DynamicCache
 
 from kvbench.bench.environment import describe
 from kvbench.bench.records import atomic_write_text
-from kvbench.bench.workloads import synthetic_prompt
+from kvbench.workloads.synthetic import synthetic_ids
 from kvbench.device import clock
 from kvbench.engine import GenerationConfig, generate
 from kvbench.engine.model_runner import cache_keyword
@@ -62,7 +62,7 @@ def main() -> None:
     logging.set_verbosity_error()
     logging.disable_progress_bar()
     lm = load_model(args.model)
-    prompt = synthetic_prompt(lm.config.vocab_size, args.prompt_tokens, seed=0)
+    prompt = synthetic_ids(lm.config.vocab_size, args.prompt_tokens, seed=0)
     runners = {"kvbench engine": time_engine, "transformers generate": time_hf}
     for run in runners.values():  # warmup
         run(lm, prompt, 4)

@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from kvbench.bench.reuse_workloads import Texts, build  # noqa: E402
+from kvbench.workloads import WorkloadSpec, build_requests  # noqa: E402
 from kvbench.engine import GenerationConfig, generate  # noqa: E402
 from kvbench.models import load_model  # noqa: E402
 from kvbench.reuse import ReuseCache, ReuseConfig  # noqa: E402
@@ -83,7 +83,6 @@ def main() -> None:
     args = parser.parse_args()
     lm = load_model("smollm2-135m", device="cpu")
     tok = lm.tokenizer
-    texts = Texts(tok)
     engine = KVBoost(lm.model, tok, max_cache_bytes=4 << 30, recompute_strategy="selective", device="cpu")
     systems = {
         "transformers (no reuse)": None,
@@ -95,7 +94,8 @@ def main() -> None:
     generate(lm, build_strategy("dynamic"), [list(range(16, 80))], GenerationConfig(max_new_tokens=2))  # warm kernels
     table = []
     for workload in WORKLOADS:
-        prompts = [tok.decode(r.ids) for r in build(workload, texts, args.requests)]
+        spec = WorkloadSpec(kind=f"reuse:{workload}")
+        prompts = [r.prompt for r in build_requests(spec, args.requests, tok, form="text")]
         token_prompts = [tok(p)["input_ids"] for p in prompts]  # what kvboost feeds its model
         references = [reference_tokens(lm, ids) for ids in token_prompts]
         for name, how in systems.items():

@@ -225,7 +225,7 @@ def test_a_multi_model_dry_run_names_every_model(capsys):
 
 
 def test_a_conversations_file_that_is_not_utf8_is_refused_by_its_line(tmp_path):
-    from kvbench.load.workloads import read_conversations
+    from kvbench.workloads.conversations import read_conversations
     from kvbench.errors import KvbenchError
 
     path = tmp_path / "chats.jsonl"

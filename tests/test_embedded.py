@@ -2,7 +2,7 @@
 
 import pytest
 
-from kvbench.bench.workloads import DEFAULT_PROMPTS
+from kvbench.workloads import DEFAULT_PROMPTS
 from kvbench.cli import main
 from kvbench.engine import GenerationConfig, generate
 from kvbench.strategies import build_strategy
@@ -50,7 +50,7 @@ def test_full_budget_equals_dynamic_on_the_embedded_model(embedded, name):
 
 
 def test_int8_keeps_greedy_output(embedded):
-    from kvbench.bench.corpus import corpus_text
+    from kvbench.workloads.corpus import corpus_text
     from kvbench.bench.quality import greedy_agreement
 
     text = corpus_text()[20000:24000]

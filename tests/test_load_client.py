@@ -19,7 +19,8 @@ from kvbench.load.report import write_load_report
 from kvbench.load.session import client_cpu
 from kvbench.load.spec import LoadSpec
 from kvbench.load.stream import Endpoint, Trace, http_clients
-from kvbench.load.workloads import LoadWorkload, Request, load_tokenizer
+from kvbench.workloads import Request, WorkloadSpec
+from kvbench.workloads.tokenizer import load_tokenizer
 
 FAULTS = ("slow_first", "http_500", "malformed", "drop", "stall", "no_usage")
 
@@ -339,7 +340,7 @@ def test_load_flag_defaults_equal_config_defaults():
     args = build_parser().parse_args(["load", "--url", "http://127.0.0.1:1/v1"])
     config, default = load_spec_from_flags(args), LoadSpec(url="http://127.0.0.1:1/v1")
     assert config == default
-    assert config.workload == LoadWorkload()
+    assert config.workload == WorkloadSpec()
 
 
 @pytest.mark.parametrize("argv, message", [

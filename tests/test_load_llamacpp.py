@@ -19,7 +19,8 @@ from kvbench.load.report import summarize_run
 from kvbench.bench.runner import RunOptions, run
 from kvbench.load.spec import LoadSpec
 from kvbench.load.stream import Endpoint
-from kvbench.load.workloads import LoadWorkload, Request, load_tokenizer
+from kvbench.workloads import Request, WorkloadSpec
+from kvbench.workloads.tokenizer import load_tokenizer
 from kvbench.models import embedded_gguf
 
 pytestmark = pytest.mark.server
@@ -73,7 +74,7 @@ def usage_of(url: str, prompt: str, max_tokens: int) -> dict:
 
 def test_random_load_succeeds_and_counts_match_the_server(llama_server, tmp_path):
     out = tmp_path / "random"
-    config = LoadSpec(url=llama_server, model=MODEL, workload=LoadWorkload(prompt_tokens=48, output_tokens=12),
+    config = LoadSpec(url=llama_server, model=MODEL, workload=WorkloadSpec(prompt_tokens=48, output_tokens=12),
                         request_rates=(4.0,), num_requests=6, tokenizer="smollm2-135m", timeout_s=120)
     outcome = run(config, RunOptions(out=out, progress=False))
     assert outcome.complete and outcome.measured == 1
@@ -115,14 +116,14 @@ def test_multi_byte_output_counts_equal_the_servers(llama_server, kind):
 
 
 def _requests(config: LoadSpec):
-    from kvbench.load.workloads import build_requests, load_tokenizer
+    from kvbench.workloads import build_requests
 
-    return build_requests(config.workload, config.num_requests, load_tokenizer(config.tokenizer))
+    return build_requests(config.workload, config.num_requests, load_tokenizer(config.tokenizer), form="text")
 
 
 def test_prefix_repetition_shows_the_servers_prefix_cache_in_ttft(llama_server, tmp_path):
     out = tmp_path / "prefix"
-    workload = LoadWorkload(kind="prefix-repetition", prefixes=2, suffixes=3, prefix_tokens=384, prompt_tokens=16,
+    workload = WorkloadSpec(kind="prefix-repetition", prefixes=2, suffixes=3, prefix_tokens=384, prompt_tokens=16,
                             output_tokens=4)
     # one request at a time: llama-cpp-python keeps the previous request's KV and reuses its common prefix
     config = LoadSpec(url=llama_server, model=MODEL, endpoint="chat", workload=workload, max_concurrency=1,

@@ -71,7 +71,7 @@ def _engine_record(step_times_s: list[float]) -> dict:
 def _http_record(sent: float, chunk_times: list[float], end: float) -> dict:
     """What the load client writes for one streamed request whose chunks arrived at these times."""
     from kvbench.load.stream import Trace
-    from kvbench.load.workloads import Request
+    from kvbench.workloads import Request
 
     trace = Trace(Request(0, ({"role": "user", "content": "hi"},), len(chunk_times)), scheduled_s=0.0, t0=sent,
                   sent=sent, chunks=list(chunk_times), pieces=["x"] * len(chunk_times), end=end,

@@ -4,11 +4,8 @@ import pytest
 import torch
 
 from kvbench.bench.quality import GreedyAgreement, distribution_agreement, greedy_agreement, perplexity
-from kvbench.bench.tasks import make_instance
-from kvbench.bench.workloads import Prompt
 from kvbench.engine import GenerationConfig, generate
 from kvbench.engine.teacher import teacher_forced_logprobs
-from kvbench.errors import KvbenchError
 from kvbench.strategies import build_strategy
 
 
@@ -61,22 +58,3 @@ def test_greedy_argmax_of_teacher_forcing_reproduces_generation(tiny):
                       GenerationConfig(max_new_tokens=8, stop_at_eos=False)).tokens[0]
     logprobs = teacher_forced_logprobs(tiny, build_strategy("h2o", budget=24, window=4), prompt, tokens)
     assert logprobs.argmax(-1).tolist() == tokens
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("task", ["passkey", "multikey", "vartrack"])
-def test_task_prompts_hide_the_answer_and_have_the_length(embedded, task):
-    instance = make_instance(embedded, task, 512, depth=0.5, seed=3)
-    text = embedded.decode(instance.prompt)
-    assert all(a in text for a in instance.answers)
-    assert abs(len(instance.prompt) - 512) <= 16
-    assert make_instance(embedded, task, 512, depth=0.5, seed=3) == instance  # seeded
-    assert Prompt(instance.prompt, answers=instance.answers).score(f"it is {' '.join(instance.answers)}") == 1.0
-    assert Prompt(instance.prompt, answers=instance.answers).score("no idea") == 0.0
-
-
-def test_task_arguments_are_checked(tiny):
-    with pytest.raises(KvbenchError, match="unknown task 'haystack'; valid: passkey, multikey, vartrack"):
-        make_instance(tiny, "haystack", 512, 0.5)
-    with pytest.raises(KvbenchError, match="depth must be in"):
-        make_instance(tiny, "passkey", 512, 1.5)

@@ -140,11 +140,10 @@ def test_reuse_suite_runs_resumes_and_reports(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_prefix_reuse_on_the_embedded_model_is_identical_over_32_tokens(embedded):
-    from kvbench.bench.reuse_workloads import Texts, build
-    from kvbench.reuse import ReusingEngine
-    from kvbench.reuse import ReuseConfig
+    from kvbench.reuse import ReuseConfig, ReusingEngine
+    from kvbench.workloads import WorkloadSpec, build_requests, for_model
 
-    requests = build("rag-prefix-500", Texts(embedded.tokenizer), 3)
+    requests = build_requests(WorkloadSpec(kind="reuse:rag-prefix-500"), 3, for_model(embedded), form="ids")
     engine = ReusingEngine(embedded, ReuseConfig(mode="prefix"))
     engine.warm(requests[0].ids)
     for request in requests[1:]:
@@ -157,11 +156,10 @@ def test_prefix_reuse_on_the_embedded_model_is_identical_over_32_tokens(embedded
 def test_chunk_reuse_of_an_interior_document_agrees_with_no_reuse(embedded):
     """Approximate by design (the document's K/V were computed after another preamble): most, not
     all, requests keep every greedy token; measured 3 of 4 here, the suite publishes the rate."""
-    from kvbench.bench.reuse_workloads import Texts, build
-    from kvbench.reuse import ReusingEngine
-    from kvbench.reuse import ReuseConfig
+    from kvbench.reuse import ReuseConfig, ReusingEngine
+    from kvbench.workloads import WorkloadSpec, build_requests, for_model
 
-    requests = build("rag-interior-500", Texts(embedded.tokenizer), 5)
+    requests = build_requests(WorkloadSpec(kind="reuse:rag-interior-500"), 5, for_model(embedded), form="ids")
     engine = ReusingEngine(embedded, ReuseConfig(mode="chunk", recompute="selective"))
     engine.warm(requests[0].ids)
     checks = [engine.verify_correctness(request.ids, max_new_tokens=32) for request in requests[1:]]

@@ -79,9 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_parser(sub) -> None:
     from kvbench.load.spec import LoadSpec
     from kvbench.load.stream import ENDPOINTS
-    from kvbench.load.workloads import KINDS, LoadWorkload
+    from kvbench.workloads import KINDS, WorkloadSpec
 
-    cfg, wl = LoadSpec(url="http://x"), LoadWorkload()
+    cfg, wl = LoadSpec(url="http://x"), WorkloadSpec()
     ld = sub.add_parser("load", help="open-loop load against an OpenAI-compatible server (vLLM, SGLang, llama.cpp, ...)")
     ld.add_argument("--url", required=True, help="the API root, e.g. http://127.0.0.1:8000/v1")
     ld.add_argument("--model", default=cfg.model, help="served model name (default: the one the server lists)")
@@ -389,10 +389,10 @@ def load_spec_from_flags(args) -> LoadSpec:
     from kvbench.load.aggregate import parse_slo
     from kvbench.load.arrivals import parse_rate
     from kvbench.load.spec import LoadSpec
-    from kvbench.load.workloads import LoadWorkload
+    from kvbench.workloads import WorkloadSpec
 
     rates = args.request_rates.split(",") if args.request_rates else [args.request_rate]
-    workload = LoadWorkload(
+    workload = WorkloadSpec(
         kind=args.workload, prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens,
         prefix_tokens=args.prefix_tokens, prefixes=args.prefixes, suffixes=args.suffixes,
         conversations=args.conversations, turns=args.turns, seed=args.seed,

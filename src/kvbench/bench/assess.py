@@ -7,12 +7,12 @@ reference for a prompt is computed once and shared by every strategy of the swee
 from __future__ import annotations
 
 from kvbench.bench.quality import distribution_agreement, greedy_agreement, perplexity
-from kvbench.bench.workloads import Prompt
 from kvbench.engine import GenerationConfig, generate
 from kvbench.engine.teacher import teacher_forced_logprobs
 from kvbench.models import LoadedModel
 from kvbench.strategies import build_strategy
 from kvbench.strategies.base import CacheStrategy
+from kvbench.workloads import Request
 
 
 class Assessor:
@@ -23,17 +23,17 @@ class Assessor:
         self._logprobs: dict[tuple, object] = {}
         self._distribution: dict[tuple, dict] = {}
 
-    def reference_tokens(self, prompt: Prompt, config: GenerationConfig) -> list[int]:
+    def reference_tokens(self, prompt: Request, config: GenerationConfig) -> list[int]:
         key = (tuple(prompt.ids), config)
         if key not in self._greedy:
             self._greedy[key] = generate(self.lm, self.reference, [prompt.ids], config).tokens[0]
         return self._greedy[key]
 
-    def greedy(self, prompt: Prompt, config: GenerationConfig, tokens: list[int]) -> dict:
+    def greedy(self, prompt: Request, config: GenerationConfig, tokens: list[int]) -> dict:
         agreement = greedy_agreement(self.reference_tokens(prompt, config), tokens)
         return {"greedy_agreement": agreement.fraction, "first_divergence": agreement.first_divergence}
 
-    def distribution(self, label: str, strategy: CacheStrategy, prompt: Prompt, config: GenerationConfig) -> dict:
+    def distribution(self, label: str, strategy: CacheStrategy, prompt: Request, config: GenerationConfig) -> dict:
         """Teacher-forced top-1 agreement and KL against dynamic; perplexity where the true text is known.
 
         The continuation is the text's true next tokens when the workload has them, else the
@@ -52,7 +52,7 @@ class Assessor:
             self._distribution[key] = fields
         return self._distribution[key]
 
-    def _reference_logprobs(self, prompt: Prompt, continuation: list[int]):
+    def _reference_logprobs(self, prompt: Request, continuation: list[int]):
         key = (tuple(prompt.ids), tuple(continuation))
         if key not in self._logprobs:
             self._logprobs[key] = teacher_forced_logprobs(self.lm, self.reference, prompt.ids, continuation)

@@ -23,7 +23,6 @@ from kvbench.bench import preflight
 from kvbench.bench.environment import describe
 from kvbench.bench.metrics import request_timing
 from kvbench.bench.reuse_spec import STREAMS, ReusePoint, ReuseSuiteSpec, TrafficSuiteSpec, parse_mode
-from kvbench.bench.reuse_workloads import ReuseRequest, Texts, build, document_pool
 from kvbench.bench.runner import Emit, RunOptions
 from kvbench.bench.suite import Point, StrategyRef
 from kvbench.device import resolve_device
@@ -33,6 +32,9 @@ from kvbench.engine.prefill import prefill_floor_ms
 from kvbench.models import LoadedModel, load_model
 from kvbench.reuse import ReuseCache, ReuseConfig
 from kvbench.strategies import build_strategy
+from kvbench.workloads import Request, WorkloadSpec, build_requests, for_model
+from kvbench.workloads.corpus import Corpus
+from kvbench.workloads.reuse import document_pool
 
 _DISK_TIER = "kvbench-disk-tier-"
 
@@ -58,7 +60,7 @@ class _SequenceSession:
         """Load the model, then refuse any request that does not fit its context, and a run whose longest request
         (with the blocks its sequence stores in RAM) would not fit in memory."""
         self.lm = self.lm or load_model(self.spec.model, self.spec.device, self.spec.dtype)
-        self.texts = Texts(self.lm.tokenizer, self.spec.seed)
+        self.texts = Corpus(for_model(self.lm), self.spec.seed)
         self._start(measured)
         longest, stored = 0, 0
         for point, trial in todo:
@@ -163,8 +165,10 @@ class ReuseSession(_SequenceSession):
         self.dynamic = build_strategy("dynamic")
         self.config = GenerationConfig(max_new_tokens=self.spec.output_tokens, stop_at_eos=False)
 
-    def requests(self, point: ReusePoint, trial: int) -> list[ReuseRequest]:
-        return build(point.workload, self.texts, sequence_length(self.spec, point.workload))
+    def requests(self, point: ReusePoint, trial: int) -> list[Request]:
+        workload = WorkloadSpec(kind=f"reuse:{point.workload}", seed=self.spec.seed,
+                                output_tokens=self.spec.output_tokens)
+        return build_requests(workload, sequence_length(self.spec, point.workload), for_model(self.lm), form="ids")
 
     def _sequence(self, point: ReusePoint, trial: int) -> list[dict]:
         requests = self.requests(point, trial)
@@ -226,9 +230,10 @@ class TrafficSession(_SequenceSession):
         self.dynamic = build_strategy("dynamic")
         self.config = GenerationConfig(max_new_tokens=self.spec.output_tokens, stop_at_eos=False)
 
-    def requests(self, point: ReusePoint, trial: int) -> list[ReuseRequest]:
+    def requests(self, point: ReusePoint, trial: int) -> list[Request]:
         """In the stream's order: a document of the pool, then a fresh question."""
-        return [ReuseRequest(self._prompt(doc, trial, i)) for i, doc in enumerate(stream_order(self.spec, point.workload, trial))]
+        return [Request(i, None, self.spec.output_tokens, ids=self._prompt(doc, trial, i))
+                for i, doc in enumerate(stream_order(self.spec, point.workload, trial))]
 
     def _prompt(self, doc: int, trial: int, i: int) -> list[int]:
         return self.pool[doc] + self.texts.encode("\n\nQ: ") + self.texts.prose(8, 10_000 + 97 * trial + i)

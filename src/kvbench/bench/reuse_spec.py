@@ -14,12 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from kvbench.bench.reuse_workloads import check_workload
 from kvbench.bench.spec import RunSpec
 from kvbench.errors import KvbenchError
 from kvbench.models import EMBEDDED
 from kvbench.reuse import ReuseConfig
 from kvbench.reuse.assemble import RECOMPUTE
+from kvbench.workloads.reuse import check_name
 
 TIERS = ("ram", "disk")
 STREAMS = ("uniform", "zipf", "temporal")
@@ -88,7 +88,7 @@ class ReuseSuiteSpec(_ReuseSpecBase):
     def __post_init__(self):
         super().__post_init__()
         for w in self.workloads:
-            check_workload(w)
+            check_name(w)
         for m in self.modes:
             parse_mode(m)
         if "none" not in self.modes:

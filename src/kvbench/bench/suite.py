@@ -14,11 +14,13 @@ from typing import Any, ClassVar
 import yaml
 
 from kvbench.bench.spec import RunSpec
-from kvbench.bench.workloads import WorkloadSpec
 from kvbench.errors import KvbenchError
 from kvbench.fields import checked_fields
 from kvbench.models import EMBEDDED
 from kvbench.strategies import STRATEGIES, build_strategy
+from kvbench.workloads import WorkloadSpec
+
+SUITE_AXES = {"prompt_tokens", "output_tokens"}  # WorkloadSpec fields a suite sweeps itself
 
 
 @dataclass(frozen=True)
@@ -151,12 +153,17 @@ class SuiteSpec(RunSpec):
 
     def to_dict(self) -> dict:
         d = super().to_dict()
+        for key in SUITE_AXES:  # the suite's own lists set them per point
+            d["workload"].pop(key)
         d["strategies"] = [s.name if not s.params else {"name": s.name, **dict(s.params)} for s in self.strategies]
         return d
 
     @classmethod
     def _convert(cls, data: dict) -> dict:
         if isinstance(data.get("workload"), dict):
+            if axes := SUITE_AXES & set(data["workload"]):
+                raise KvbenchError(f"workload key(s) {', '.join(sorted(axes))} belong to the suite, which sweeps them: "
+                                   "write them one level up, as lists (prompt_tokens: [512])")
             data["workload"] = WorkloadSpec(**checked_fields(WorkloadSpec, data["workload"], "workload key"))
         if data.get("strategies") in ("all", ["all"]):
             data["strategies"] = STRATEGIES.names()

@@ -12,7 +12,7 @@ import gc
 import hashlib
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from kvbench.bench import preflight
 from kvbench.bench.assess import Assessor
@@ -20,11 +20,11 @@ from kvbench.bench.environment import describe
 from kvbench.bench.metrics import request_timing
 from kvbench.bench.runner import Emit, RunOptions
 from kvbench.bench.suite import Point, SuiteSpec
-from kvbench.bench.workloads import Prompt, build_prompts
 from kvbench.device import resolve_device, resolve_dtype
 from kvbench.engine import GenerationConfig, GenerationResult, generate
 from kvbench.engine.generate import check_prompts
 from kvbench.models import LoadedModel, load_model
+from kvbench.workloads import Request, build_requests, for_model
 
 
 class SuiteSession:
@@ -35,7 +35,7 @@ class SuiteSession:
         self.spec, self.options, self.held = spec, options, lm
         self.lm: LoadedModel | None = None
         self.assessor: Assessor | None = None
-        self.prompts: dict[Point, list[Prompt]] = {}
+        self.prompts: dict[Point, list[Request]] = {}
         self.runs: dict[Point, _PointRun] = {}
 
     def environment(self) -> dict:
@@ -110,7 +110,7 @@ class SuiteSession:
         return worst
 
 
-def _check_points(lm: LoadedModel, points: list[Point], prompts: dict[Point, list[Prompt]]) -> None:
+def _check_points(lm: LoadedModel, points: list[Point], prompts: dict[Point, list[Request]]) -> None:
     """Refuse the group before its first measurement if any point would be refused when its turn came:
     the engine's prompt checks (context window, token ids) and the strategy's own cache for each prompt length."""
     for point in points:
@@ -123,7 +123,7 @@ def _check_points(lm: LoadedModel, points: list[Point], prompts: dict[Point, lis
 class _PointRun:
     """Everything needed to measure one point again and again."""
 
-    def __init__(self, spec: SuiteSpec, lm: LoadedModel, point: Point, prompts: list[Prompt], assessor: Assessor | None):
+    def __init__(self, spec: SuiteSpec, lm: LoadedModel, point: Point, prompts: list[Request], assessor: Assessor | None):
         self.spec, self.lm, self.point, self.prompts, self.assessor = spec, lm, point, prompts, assessor
         self.strategy = point.strategy.build()
         self.config = GenerationConfig(max_new_tokens=point.output_tokens, stop_at_eos=not spec.ignore_eos)
@@ -142,15 +142,15 @@ class _PointRun:
         return record
 
 
-def _prompts_for(spec: SuiteSpec, lm: LoadedModel, point: Point) -> list[Prompt]:
+def _prompts_for(spec: SuiteSpec, lm: LoadedModel, point: Point) -> list[Request]:
     """The distinct prompts of a point: one per batch row, times the workload's distinct prompts."""
     as_written = spec.workload.kind == "text" and point.prompt_tokens is None
     count = point.batch_size * (len(spec.workload.prompts) if as_written else spec.workload.distinct_prompts)
-    continuation = point.output_tokens if spec.quality else 0
-    return build_prompts(spec.workload, lm, point.prompt_tokens, count, continuation)
+    workload = replace(spec.workload, prompt_tokens=point.prompt_tokens, output_tokens=point.output_tokens)
+    return build_requests(workload, count, for_model(lm), form="ids")
 
 
-def _batch(prompts: list[Prompt], batch_size: int, trial: int) -> list[Prompt]:
+def _batch(prompts: list[Request], batch_size: int, trial: int) -> list[Request]:
     """Trial t takes the next `batch_size` prompts, cycling: N trials over a few unique prompts."""
     return [prompts[(trial * batch_size + i) % len(prompts)] for i in range(batch_size)]
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from kvbench.load.stream import Endpoint, Trace, http_clients, stream_request
-from kvbench.load.workloads import Request, Tokenizer
+from kvbench.workloads import Request, Tokenizer
 
 
 async def run_load(

@@ -7,7 +7,7 @@ import time
 import httpx
 
 from kvbench.load.stream import Endpoint, Trace, stream_request
-from kvbench.load.workloads import Request
+from kvbench.workloads import Request
 from kvbench.errors import KvbenchError
 
 

@@ -24,7 +24,8 @@ from kvbench.load.probe import check_server, served_models
 from kvbench.load.prometheus import scrape, server_deltas
 from kvbench.load.spec import LoadSpec, RatePoint
 from kvbench.load.stream import Endpoint
-from kvbench.load.workloads import Request, Tokenizer, build_requests, context_window, fitting_requests, load_tokenizer
+from kvbench.workloads import Request, Tokenizer, build_requests
+from kvbench.workloads.tokenizer import context_window, fitting_requests, load_tokenizer
 
 
 class LoadSession:
@@ -99,10 +100,10 @@ def rate_requests(spec: LoadSpec, counts: dict[str, int], tokenizer: Tokenizer |
     """Each rate's requests. By default no rate re-sends another's prompts: generated workloads are seeded
     per rate, and a .jsonl file is dealt out in turn (it must hold enough conversations)."""
     if spec.same_prompts_each_rate:
-        shared = build_requests(spec.workload, max(counts.values()), tokenizer)
+        shared = build_requests(spec.workload, max(counts.values()), tokenizer, form="text")
         return {label: shared[:n] for label, n in counts.items()}
     if not spec.workload.kind.endswith(".jsonl"):
-        return {label: build_requests(replace(spec.workload, seed=prompt_seed(spec, label)), n, tokenizer)
+        return {label: build_requests(replace(spec.workload, seed=prompt_seed(spec, label)), n, tokenizer, form="text")
                 for label, n in counts.items()}
     total, available = sum(counts.values()), spec.workload.natural_count
     if len(counts) > 1 and total > available:
@@ -110,7 +111,7 @@ def rate_requests(spec: LoadSpec, counts: dict[str, int], tokenizer: Tokenizer |
         raise KvbenchError(f"{spec.workload.kind} holds {available} conversations and {len(counts)} rates need "
                            f"{total} for each to send its own; give {f'--num-requests {fit} or ' if fit else ''}"
                            "--same-prompts-each-rate")
-    dealt = iter(build_requests(spec.workload, total, tokenizer))
+    dealt = iter(build_requests(spec.workload, total, tokenizer, form="text"))
     return {label: [replace(r, index=i) for i, r in enumerate(itertools.islice(dealt, n))] for label, n in counts.items()}
 
 

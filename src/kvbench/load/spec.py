@@ -18,7 +18,7 @@ from kvbench.fields import checked_fields
 from kvbench.load.aggregate import parse_slo
 from kvbench.load.arrivals import Arrivals, parse_rate
 from kvbench.load.stream import ENDPOINTS
-from kvbench.load.workloads import LoadWorkload
+from kvbench.workloads import WorkloadSpec
 
 DEFAULT_REQUESTS = 50  # when neither num_requests nor duration_s is given and the workload has no natural size
 
@@ -47,7 +47,7 @@ class LoadSpec(RunSpec):
     url: str = ""
     model: str | None = None  # None: the one model the server lists
     endpoint: str = "completions"
-    workload: LoadWorkload = field(default_factory=LoadWorkload)
+    workload: WorkloadSpec = field(default_factory=WorkloadSpec)
     request_rates: tuple[float, ...] = (math.inf,)
     burstiness: float = 1.0
     max_concurrency: int | None = None
@@ -111,7 +111,7 @@ class LoadSpec(RunSpec):
         elif isinstance(data.get("slo"), dict):
             data["slo"] = parse_slo(",".join(f"{k}={v}" for k, v in data["slo"].items()))
         if isinstance(data.get("workload"), dict):
-            data["workload"] = LoadWorkload(**checked_fields(LoadWorkload, data["workload"], "workload key"))
+            data["workload"] = WorkloadSpec(**checked_fields(WorkloadSpec, data["workload"], "workload key"))
         return data
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from kvbench.bench.metrics import request_timing
-from kvbench.load.workloads import Request, Tokenizer
+from kvbench.workloads import Request, Tokenizer
 
 ENDPOINTS = ("completions", "chat")
 

@@ -1,38 +1,45 @@
-"""Synthetic long-context retrieval tasks (RULER-style), generated offline with a fixed seed.
+"""`needle`: synthetic long-context retrieval tasks (RULER-style), generated offline with a fixed seed.
 
 - passkey: one number hidden in filler text; asked back.
 - multikey: several "magic number for <word>" needles; one of them asked back.
 - vartrack: a chain of variable assignments scattered through the text; asked which variables
   hold the value.
-The filler is Python's bundled documentation (`workloads.corpus_text`). Scoring is exact match:
-every expected answer string must appear in the generated text.
+The filler is the corpus. A task is one user message; `prompt_tokens` counts its ids with the chat
+template. Scoring is exact match (`Request.score`): every expected answer must appear in the output.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kvbench.bench.corpus import corpus_text
 from kvbench.errors import KvbenchError
-from kvbench.models import LoadedModel
+from kvbench.workloads.corpus import Corpus
+from kvbench.workloads.request import Request, ids_of, user
+from kvbench.workloads.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from kvbench.workloads.spec import WorkloadSpec
 
 TASKS = ("passkey", "multikey", "vartrack")
 _WORDS = ("apple", "river", "candle", "falcon", "marble", "violet", "harbor", "pepper", "canyon", "lantern")
 _NAMES = ("XKQ", "BZT", "MRL", "QWE", "PLO", "DFG", "HJK", "NVC")
 
 
-@dataclass(frozen=True)
-class TaskInstance:
-    task: str
-    depth: float  # where the (first) needle sits, 0 = start of the context, 1 = end
-    prompt: list[int]
-    answers: tuple[str, ...]
+def build(spec: WorkloadSpec, tok: Tokenizer, count: int) -> list[Request]:
+    """One request per task x depth, cycled to `count`."""
+    if spec.prompt_tokens is None:
+        raise KvbenchError("a needle workload needs prompt_tokens (the context lengths)")
+    tasks = [make_instance(tok, t, spec.prompt_tokens, d, spec.seed, spec.output_tokens)
+             for t in spec.tasks for d in spec.depths]
+    return [replace(tasks[i % len(tasks)], index=i) for i in range(count)]
 
 
-def make_instance(lm: LoadedModel, task: str, context_tokens: int, depth: float, seed: int = 0) -> TaskInstance:
-    """A task prompt of about `context_tokens` tokens (chat template included) with needles at `depth`."""
+def make_instance(tok: Tokenizer, task: str, context_tokens: int, depth: float, seed: int = 0,
+                  max_tokens: int = 24) -> Request:
+    """A task of about `context_tokens` tokens (chat template included) with needles at `depth`."""
     if task not in TASKS:
         raise KvbenchError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
     if not 0 <= depth <= 1:
@@ -43,19 +50,19 @@ def make_instance(lm: LoadedModel, task: str, context_tokens: int, depth: float,
         depths = [depth] + rng.uniform(0, 1, len(needles) - 1).tolist()
     else:  # a chain starts at `depth` and spreads over the following 30% of the context
         depths = np.linspace(depth, min(1.0, depth + 0.3), len(needles)).tolist()
-    overhead = len(lm.encode(" ".join(needles) + "\n\n" + question))
+    overhead = len(ids_of((user(" ".join(needles) + "\n\n" + question),), tok))
     filler_tokens = context_tokens - overhead
     if filler_tokens < 16:
         raise KvbenchError(f"context_tokens={context_tokens} is too short for the {task} task; use at least {overhead + 16}")
-    filler = lm.encode(corpus_text()[: filler_tokens * 8], chat=False)[:filler_tokens]
+    filler = Corpus(tok).window(filler_tokens)
     pieces, cursor = [], 0
     for needle, d in sorted(zip(needles, depths), key=lambda x: x[1]):
         cut = int(d * len(filler))
-        pieces += [lm.decode(filler[cursor:cut]), needle]
+        pieces += [tok.decode(filler[cursor:cut], skip_special_tokens=True), needle]
         cursor = cut
-    pieces.append(lm.decode(filler[cursor:]))
+    pieces.append(tok.decode(filler[cursor:], skip_special_tokens=True))
     text = " ".join(p.strip() for p in pieces if p.strip())
-    return TaskInstance(task, depth, lm.encode(f"{text}\n\n{question}"), tuple(answers))
+    return Request(0, (user(f"{text}\n\n{question}"),), max_tokens, task=task, depth=depth, answers=tuple(answers))
 
 
 def _needles(task: str, rng: np.random.Generator) -> tuple[list[str], str, list[str]]:
