@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 from kvbench.bench.metrics import succeeded, summarize
 from kvbench.load.aggregate import aggregate, prefix_effect
@@ -49,7 +50,7 @@ def over_error_rate(summary: dict, limit: float) -> list[str]:
             if p["requests"] and p["failed"] / p["requests"] > limit]
 
 
-def body(run: Run, figures=None) -> Body:
+def body(run: Run, figures: Path | None) -> Body:  # a load report draws no figure
     summary = summarize_run(run)
     points = summary["points"]
     config, server = run.spec, run.info.get("server", {})
