@@ -86,19 +86,11 @@ def test_report_refuses_a_corrupt_run_json(text, tmp_path, capsys):
     assert "run.json is corrupt (not a JSON object)" in one_line_error(["report", str(tmp_path)], capsys)
 
 
-def test_a_reuse_run_without_run_json_is_reported_from_its_records(tmp_path, capsys):
-    def record(mode, index, ttft):
-        return {"suite": "my-reuse", "model": "m", "point": f"doc/{mode}/ram", "workload": "doc", "reuse_mode": mode,
-                "recompute": None, "tier": "ram", "trial": 0, "request_index": index, "ttft_ms": ttft,
-                "prompt_tokens": 100, "reuse_ratio": 0.9 if mode == "prefix" and index else 0.0, "greedy_match": True}
-
-    records = [record(mode, i, ttft) for mode, ttfts in (("none", (100, 100)), ("prefix", (110, 20)))
-               for i, ttft in enumerate(ttfts)]
-    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert main(["report", str(tmp_path)]) == 0
-    report = (tmp_path / "report.md").read_text()
-    assert report.startswith("# my-reuse") and "run.json is missing" in report
-    assert "5.0" in report  # prefix speedup 100 / 20, from the records
+def test_a_run_without_run_json_is_refused_in_one_line(tmp_path, capsys):
+    (tmp_path / "results.jsonl").write_text(json.dumps({"suite": "my-reuse", "reuse_mode": "none"}) + "\n")
+    message = one_line_error(["report", str(tmp_path)], capsys)
+    assert message == (f"kvbench: error: {tmp_path} has no run.json, which says what kind of run wrote it and on "
+                       "what; give the --out of a kvbench run or kvbench load, or restore its run.json\n")
 
 
 @pytest.mark.parametrize("suite, found", [("tiny", "load"), ("reuse", "load"), ("tiny", "reuse"), ("reuse", "traffic")])

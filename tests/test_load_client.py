@@ -15,7 +15,7 @@ from kvbench.bench.records import read_records
 from kvbench.cli import build_parser, load_spec_from_flags, main
 from kvbench.load.fake import FakeConfig, FakeServer
 from kvbench.load.loadgen import run_load
-from kvbench.load.report import write_load_report
+from kvbench.report import write_report
 from kvbench.load.session import client_cpu
 from kvbench.load.spec import LoadSpec
 from kvbench.load.stream import Endpoint, Trace, http_clients
@@ -191,7 +191,7 @@ def test_requests_cancelled_waiting_for_a_slot_are_not_counted_as_sent(tmp_path)
     out.mkdir()
     (out / "results.jsonl").write_text("".join(json.dumps({"request_rate": "inf", **r}) + "\n" for r in records))
     (out / "run.json").write_text(json.dumps({"kind": "load", "partial": True, "points": {"inf": {"planned": 3}}}))
-    assert "| inf | 0 / 1 / 3 |" in write_load_report(out).read_text()
+    assert "| inf | 0 / 1 / 3 |" in write_report(out).read_text()
 
 
 def test_sends_follow_the_schedule_not_the_completions():
@@ -288,7 +288,7 @@ def test_a_second_ctrl_c_during_the_partial_report_still_exits_130(tmp_path, cap
         raise KeyboardInterrupt
 
     monkeypatch.setattr("kvbench.bench.runner.run", measured_one_then_ctrl_c)
-    monkeypatch.setattr("kvbench.load.report.write_load_report", second_ctrl_c)
+    monkeypatch.setattr("kvbench.report.write_report", second_ctrl_c)
     path = conversations(tmp_path, ["hi"])
     assert main(["load", "--url", "http://127.0.0.1:9/v1", "--workload", str(path), "--out", str(out)]) == 130
     assert capsys.readouterr().err == "kvbench: interrupted; every record already measured is kept (rerun with --resume)\n"

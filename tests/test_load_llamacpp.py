@@ -15,7 +15,8 @@ import pytest
 
 from kvbench.bench.records import read_records
 from kvbench.load.loadgen import run_load
-from kvbench.load.report import summarize_run
+from kvbench.report.load import summarize_run
+from kvbench.report.run import read_run
 from kvbench.bench.runner import RunOptions, run
 from kvbench.load.spec import LoadSpec
 from kvbench.load.stream import Endpoint
@@ -129,7 +130,7 @@ def test_prefix_repetition_shows_the_servers_prefix_cache_in_ttft(llama_server, 
     config = LoadSpec(url=llama_server, model=MODEL, endpoint="chat", workload=workload, max_concurrency=1,
                         tokenizer="smollm2-135m", timeout_s=120)
     run(config, RunOptions(out=out, progress=False))
-    point = summarize_run(out)["points"]["inf"]
+    point = summarize_run(read_run(out))["points"]["inf"]
     assert point["completed"] == 6 and point["failed"] == 0
     # a behaviour check within one run: prefilling a new 384-token prefix must cost clearly more
     # than reusing one that the server still holds

@@ -5,7 +5,6 @@ from collections import Counter
 
 import pytest
 
-from kvbench.bench.reuse_report import break_even, mode_rows, stream_rows
 from kvbench.bench.reuse_session import (ReuseSession, disk_tier_dir, ram_budget, sequence_length, stream_order,
                                          sweep_dead_disk_tiers)
 from kvbench.bench.reuse_spec import ReuseSuiteSpec, TrafficSuiteSpec, parse_mode
@@ -83,39 +82,6 @@ def test_traffic_ram_budget_holds_exactly_ram_documents_documents():
     send(int(spec.ram_documents))
     assert ram.stats.evictions == prompt // spec.block_size  # the 5th pushes out the whole 1st
     assert {k.split("/")[0] for k in ram.keys()} == {"1", "2", "3", "4"}
-
-
-def _record(workload, mode, index, ttft, trial=0, tier="ram", recompute=None, **extra):
-    return {"workload": workload, "reuse_mode": mode, "recompute": recompute, "tier": tier if mode != "none" else "-",
-            "trial": trial, "request_index": index, "ttft_ms": ttft, "prompt_tokens": 100, "reuse_ratio": 0.0,
-            "greedy_match": True, **extra}
-
-
-def test_speedup_is_against_none_on_the_same_warm_requests_and_break_even_per_tier():
-    records = [_record("doc", "none", 0, 1000), _record("doc", "none", 1, 800), _record("doc", "none", 2, 1200),
-               _record("doc", "prefix", 0, 1100), _record("doc", "prefix", 1, 100, floor_ms=50.0),
-               _record("doc", "prefix", 2, 100, floor_ms=50.0)]
-    for size, cold, ram, disk in ((64, 100, 120, 150), (256, 300, 150, 400), (1024, 900, 160, 300)):
-        records += [_record(f"break-even-{size}", "none", i, cold) for i in (0, 1)]
-        records += [_record(f"break-even-{size}", "prefix", 1, ram), _record(f"break-even-{size}", "prefix", 1, disk, tier="disk")]
-    rows = {(r["workload"], r["mode"], r["tier"]): r for r in mode_rows(records)}
-    prefix = rows[("doc", "prefix", "ram")]
-    assert prefix["speedup"] == pytest.approx(10.0) and prefix["warm_over_floor"] == pytest.approx(2.0)
-    assert prefix["cold_ttft_ms"].mean == 1100
-    none = rows[("doc", "none", "-")]["warm_ttft_ms"]  # warm requests 800 and 1200 ms: their spread is kept
-    assert (none.n, none.mean, none.p50, none.std) == (2, 1000, 1000, pytest.approx(282.84, abs=0.01))
-    assert none.p90 == pytest.approx(1160)
-    assert break_even(mode_rows(records)) == {"ram": 256, "disk": 1024}
-
-
-def test_stream_rows_keep_the_spread_of_hit_and_miss_ttft():
-    records = [{"stream": "zipf", "trial": 0, "request_index": i, "hit": hit, "ttft_ms": ttft, "reuse_ratio": 0.5 * hit,
-                "tier_tokens": {"ram": 10, "disk": 30} if hit else {}, "ram_bytes": i, "disk_bytes": 2 * i, "evictions": i}
-               for i, (hit, ttft) in enumerate([(False, 900.0), (True, 100.0), (True, 300.0), (False, 1100.0)])]
-    (row,) = stream_rows(records)
-    assert (row["requests"], row["hit_rate"], row["reuse_ratio"], row["from_disk"]) == (4, 0.5, 0.25, 0.75)
-    assert (row["hit_ttft_ms"].mean, row["hit_ttft_ms"].p99, row["miss_ttft_ms"].p50) == (200, pytest.approx(298), 1000)
-    assert row["ttft_ms"].n == 4 and (row["ram_bytes"], row["evictions"]) == (3, 3)  # the state at the last request
 
 
 @pytest.mark.slow

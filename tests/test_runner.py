@@ -3,7 +3,7 @@ import json
 import pytest
 
 from kvbench.bench.records import read_records
-from kvbench.bench.report import write_report
+from kvbench.report import write_report
 from kvbench.bench.runner import RunOptions, run
 from kvbench.bench.spec import load_spec
 from kvbench.bench.suite_session import SuiteSession
@@ -138,7 +138,7 @@ def test_a_report_counts_each_trial_once_when_two_runs_wrote_it(tiny_suite, tmp_
 
 
 def test_report_without_results_says_what_to_do(tmp_path):
-    with pytest.raises(KvbenchError, match="run a suite first"):
+    with pytest.raises(KvbenchError, match="has no run.json, which says what kind of run wrote it"):
         write_report(tmp_path)
 
 

@@ -1,4 +1,4 @@
-"""The `kvbench` command: env, list, generate, run, report, load."""
+"""The `kvbench` command: env, list, generate, run, report, compare, load."""
 
 from __future__ import annotations
 
@@ -70,8 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true", help="list the points and exit")
     r.add_argument("--no-progress", action="store_true")
 
-    rep = sub.add_parser("report", help="write OUT/report.md and OUT/figures from a run's results")
+    rep = sub.add_parser("report", help="write OUT/report.md and OUT/figures from a run's results (any kind of run)")
     rep.add_argument("out", type=Path)
+    cmp = sub.add_parser("compare", help="runs side by side in one markdown table, rows aligned on what they measured")
+    cmp.add_argument("outs", type=Path, nargs="+", metavar="OUT", help="run directories (two or more, of any kind)")
+    cmp.add_argument("--out", type=Path, help="also write the table to this .md file")
     _load_parser(sub)
     return parser
 
@@ -154,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return {"env": cmd_env, "list": cmd_list, "generate": cmd_generate, "run": cmd_run, "report": cmd_report,
-                "load": cmd_load}[args.command](args)
+                "compare": cmd_compare, "load": cmd_load}[args.command](args)
     except KvbenchError as exc:
         print(f"kvbench: error: {exc}", file=sys.stderr)
         return 2
@@ -308,6 +311,7 @@ def _run(spec: RunSpec, options: RunOptions) -> int:
     """Run any spec, then write its report; Ctrl-C keeps the records and writes a partial report."""
     from kvbench.bench.records import RESULTS, read_records
     from kvbench.bench.runner import run
+    from kvbench.report import one_line, write_report
 
     if spec.kind != "load" or getattr(spec, "tokenizer", None):
         _quiet_transformers()
@@ -318,13 +322,13 @@ def _run(spec: RunSpec, options: RunOptions) -> int:
             print("kvbench: interrupted before anything was measured; nothing to report", file=sys.stderr)
             return 130
         print(f"kvbench: interrupted; every record already measured is kept in {options.out} (rerun with --resume); "
-              f"partial report: {_write_report(options.out)}", file=sys.stderr)
+              f"partial report: {write_report(options.out)}", file=sys.stderr)
         return 130
     for note in outcome.notes:
         print(f"note: {note}")
-    report = _write_report(options.out)
+    report = write_report(options.out)
     resumed = f", {outcome.skipped} already measured" if outcome.skipped else ""
-    print(f"{spec.name}: {outcome.measured} points measured{resumed}; {_one_line(options.out)}")
+    print(f"{spec.name}: {outcome.measured} points measured{resumed}; {one_line(options.out)}")
     print(f"report: {report}")
     if spec.kind == "load":
         return _check_errors(spec, options.out)
@@ -333,9 +337,10 @@ def _run(spec: RunSpec, options: RunOptions) -> int:
 
 def _check_errors(spec: LoadSpec, out: Path) -> int:
     """Exit 1 when the share of failed requests at any rate is above the spec's max_error_rate."""
-    from kvbench.load.report import failures_line, over_error_rate, summarize_run
+    from kvbench.report.load import failures_line, over_error_rate, summarize_run
+    from kvbench.report.run import read_run
 
-    summary = summarize_run(out)
+    summary = summarize_run(read_run(out))
     if failures := failures_line(summary):
         print(failures)
     if spec.max_error_rate is not None and (over := over_error_rate(summary, spec.max_error_rate)):
@@ -345,42 +350,27 @@ def _check_errors(spec: LoadSpec, out: Path) -> int:
     return 0
 
 
-def _write_report(out: Path) -> Path:
-    from kvbench.bench.records import run_kind
-
-    kind = run_kind(out)
-    if kind in ("reuse", "traffic"):
-        from kvbench.bench.reuse_report import write_reuse_report
-
-        return write_reuse_report(out)
-    if kind == "load":
-        from kvbench.load.report import write_load_report
-
-        return write_load_report(out)
-    from kvbench.bench.report import write_report
-
-    return write_report(out)
-
-
-def _one_line(out: Path) -> str:
-    from kvbench.bench.records import run_kind
-
-    kind = run_kind(out)
-    if kind == "load":
-        from kvbench.load.report import one_line
-
-        return one_line(out)
-    if kind == "suite":
-        from kvbench.bench.report import one_line_summary
-
-        return one_line_summary(out)
-    return f"{kind} run in {out}"
-
-
 def cmd_report(args) -> int:
-    report = _write_report(args.out)
-    print(_one_line(args.out))
+    from kvbench.report import one_line, write_report
+
+    report = write_report(args.out)
+    print(one_line(args.out))
     print(f"report: {report}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from kvbench.bench.records import atomic_write_text
+    from kvbench.report.compare import compare
+
+    text = compare(args.outs)
+    print(text, end="")
+    if args.out:
+        try:
+            atomic_write_text(args.out, text)
+        except OSError as exc:
+            raise KvbenchError(f"cannot write {args.out} ({exc.strerror}); choose another --out") from None
+        print(f"comparison: {args.out}")
     return 0
 
 

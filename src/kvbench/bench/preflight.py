@@ -23,6 +23,7 @@ import torch
 from kvbench.bench.suite import Point
 from kvbench.errors import KvbenchError
 from kvbench.models import LoadedModel, kv_bytes_per_token, model_config
+from kvbench.units import human_bytes
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -37,14 +38,6 @@ def parse_bytes(text: str) -> int:
     if size < 1:
         raise KvbenchError(f"memory size {text!r} is under one byte; write e.g. 8GB, 512MiB or 2000000000")
     return size
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError
 
 
 @dataclass(frozen=True)

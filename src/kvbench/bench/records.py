@@ -41,15 +41,12 @@ def read_run_info(out: Path) -> dict:
 
 
 def run_kind(out: Path) -> str:
-    """What wrote OUT: "suite", "reuse", "traffic" or "load"; from run.json, or from the records without one."""
-    info = read_run_info(out)
-    if info:
-        return info.get("kind", "suite")
-    records = read_records(out / RESULTS, strict=False)
-    first = records[0] if records else {}
-    if "reuse_mode" in first:
-        return "traffic" if "stream" in first else "reuse"
-    return "load" if "request_rate" in first else "suite"
+    """What wrote OUT, from its run.json: "suite", "reuse", "traffic" or "load" (a suite's run.json from before
+    runs recorded their kind has none). Never guessed from the records: without run.json it is a one-line error."""
+    if not (out / RUN_INFO).exists():
+        raise KvbenchError(f"{out} has no {RUN_INFO}, which says what kind of run wrote it and on what; give the --out "
+                           f"of a kvbench run or kvbench load, or restore its {RUN_INFO}")
+    return read_run_info(out).get("kind", "suite")
 
 
 def read_records(path: Path, strict: bool = True) -> list[dict]:

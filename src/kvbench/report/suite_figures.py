@@ -1,24 +1,16 @@
-"""Figures from point summaries (matplotlib, headless). Reads summaries only, never the engine."""
+"""A suite run's figures, from its point summaries only (never the engine)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from kvbench.bench.summary import PointSummary, Speedup
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from kvbench.report.figures import pyplot, save
+from kvbench.report.tables import num
 
 
 def write_figures(points: list[PointSummary], speedup_rows: list[Speedup], kv_ratio: dict[str, float],
                   accuracy: dict[str, dict[tuple[int, float], float]], out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
     written = []
     lengths = {p.target_prompt_tokens for p in points if p.target_prompt_tokens is not None}
     if len(lengths) > 1:
@@ -45,7 +37,7 @@ def _by_strategy(points):
 
 
 def _latency_vs_prompt(points, path):
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for strategy, ps in _by_strategy(points).items():
         ps = sorted((p for p in ps if p.target_prompt_tokens), key=lambda p: p.target_prompt_tokens)
@@ -60,14 +52,11 @@ def _latency_vs_prompt(points, path):
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def _strategy_bars(points, path):
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 4, figsize=(16, 4))
     labels = [p.point for p in points]
     panels = (
@@ -82,14 +71,11 @@ def _strategy_bars(points, path):
         ax.set_xticks(range(len(points)), labels, rotation=60, ha="right", fontsize=7)
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def _speedup(rows, lengths, path):
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     groups: dict[str, list[Speedup]] = {}
     for r in rows:
@@ -106,15 +92,12 @@ def _speedup(rows, lengths, path):
     ax.axhline(1.0, color="grey", lw=1, ls="--")
     ax.set_ylabel(f"end-to-end speedup vs {rows[0].baseline} (x)")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def _pareto(points, kv_ratio, path):
     """KV memory (vs dynamic) against greedy agreement; marker area follows decode speed."""
-    plt = _pyplot()
+    plt = pyplot()
     contexts = sorted({p.target_prompt_tokens or 0 for p in points})
     fig, axes = plt.subplots(1, len(contexts), figsize=(6 * len(contexts), 4.5), squeeze=False)
     names = sorted({p.strategy_name for p in points})
@@ -136,15 +119,12 @@ def _pareto(points, kv_ratio, path):
         ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], marker="o", ls="", color=colors[n], label=n) for n in names]
     axes[0][-1].legend(handles=handles, fontsize=7, title="marker size: decode tok/s", title_fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def _accuracy_heatmaps(accuracy, path):
     """Retrieval accuracy over context length (rows) x needle depth (columns), one panel per strategy."""
-    plt = _pyplot()
+    plt = pyplot()
     labels = list(accuracy)
     cols = min(4, len(labels))
     rows = (len(labels) + cols - 1) // cols
@@ -165,12 +145,9 @@ def _accuracy_heatmaps(accuracy, path):
         ax.set_title(label, fontsize=8)
         for i, row in enumerate(values):
             for j, v in enumerate(row):
-                ax.text(j, i, _f_or_dash(v), ha="center", va="center", fontsize=7)
+                ax.text(j, i, num(v, 2), ha="center", va="center", fontsize=7)
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="accuracy")
-    fig.savefig(path, dpi=120)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)  # not save(): tight_layout would fight the colorbar's axes
     plt.close(fig)
     return path
-
-
-def _f_or_dash(v: float) -> str:
-    return "–" if v != v else f"{v:.2f}"
