@@ -19,7 +19,7 @@ from kvbench.bench import preflight, provenance
 from kvbench.bench.assess import Assessor
 from kvbench.bench.environment import describe
 from kvbench.bench.metrics import request_timing
-from kvbench.bench.outlock import locked
+from kvbench.bench.outlock import locked, prepare_out_dir
 from kvbench.bench.records import RESULTS, RUN_INFO, ResultsWriter, atomic_write_text
 from kvbench.bench.spec import Point, SuiteSpec, to_dict
 from kvbench.bench.workloads import Prompt, build_prompts
@@ -45,17 +45,6 @@ class RunOutcome:
     measured: int
     skipped: int
     notes: tuple[str, ...]
-
-
-def prepare_out_dir(out: Path) -> Path:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".kvbench-write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise KvbenchError(f"cannot write to output dir {out}: {exc.strerror or exc}; choose another --out") from None
-    return out
 
 
 def run_suite(spec: SuiteSpec, options: RunOptions, lm: LoadedModel | None = None) -> RunOutcome:

@@ -11,12 +11,15 @@ every expected answer string must appear in the generated text.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from kvbench.bench.corpus import corpus_text
 from kvbench.errors import KvbenchError
-from kvbench.models import LoadedModel
+
+if TYPE_CHECKING:  # the load client builds prompts from these modules without torch
+    from kvbench.models import LoadedModel
 
 TASKS = ("passkey", "multikey", "vartrack")
 _WORDS = ("apple", "river", "candle", "falcon", "marble", "violet", "harbor", "pepper", "canyon", "lantern")

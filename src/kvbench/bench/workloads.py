@@ -11,13 +11,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from kvbench.bench.corpus import corpus_text
 from kvbench.bench.tasks import TASKS, make_instance
 from kvbench.errors import KvbenchError
-from kvbench.models import LoadedModel
+
+if TYPE_CHECKING:  # the load client builds prompts from these modules without torch
+    from kvbench.models import LoadedModel
 
 KINDS = ("synthetic", "text", "needle")
 

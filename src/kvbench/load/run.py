@@ -21,6 +21,7 @@ import httpx
 from tqdm import tqdm
 
 from kvbench.bench.environment import describe_host
+from kvbench.bench.outlock import prepare_out_dir
 from kvbench.bench.records import RESULTS, RUN_INFO, ResultsWriter, atomic_write_text
 from kvbench.load.arrivals import Arrivals
 from kvbench.load.loadgen import run_load
@@ -111,8 +112,6 @@ class LoadOutcome:
 
 def run_load_config(config: LoadConfig, out: Path, progress: bool = True) -> LoadOutcome:
     """Measure every request rate of `config` into `out`; Ctrl-C keeps what was measured and marks it partial."""
-    from kvbench.bench.runner import prepare_out_dir
-
     prepare_out_dir(out)
     if (out / RESULTS).exists() and (out / RESULTS).stat().st_size:
         raise KvbenchError(f"{out} already holds results; choose another --out")
