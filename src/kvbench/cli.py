@@ -14,20 +14,42 @@ if TYPE_CHECKING:
     from kvbench.load.run import LoadConfig
 
 
+# The commands whose flags take their choices and defaults from modules that import torch; the parser builds
+# those flags only when one of them runs, so `kvbench load` and `kvbench report` never import torch.
+ENGINE_FLAGS = ("generate", "run")
+# A module the command needs and the install lacks -> the extra that installs it (`kvbench load` needs only the
+# tokenizer's; every other command that fails this way runs models).
+EXTRAS = {"load": "load"}
+
+
 def _defaults():
     from kvbench.engine import GenerationConfig, SamplingConfig
 
     return GenerationConfig(), SamplingConfig()
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(engine_flags: bool = True) -> argparse.ArgumentParser:
+    """The whole CLI; with engine_flags=False, `generate` and `run` are listed without their flags (torch-free)."""
+    parser = argparse.ArgumentParser(prog="kvbench", description="KV-cache strategies for transformer inference, measured.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("env", help="device and library check")
+    sub.add_parser("list", help="models, strategies and suites")
+    g = sub.add_parser("generate", help="sanity generation with timings")
+    r = sub.add_parser("run", help="run a suite (a shipped name or a .yaml path) and write its report")
+    if engine_flags:
+        _engine_flags(g, r)
+    rep = sub.add_parser("report", help="write OUT/report.md and OUT/figures from a run's results")
+    rep.add_argument("out", type=Path)
+    _load_parser(sub)
+    return parser
+
+
+def _engine_flags(g: argparse.ArgumentParser, r: argparse.ArgumentParser) -> None:
     from kvbench.device import DEVICES, DTYPES
     from kvbench.models import EMBEDDED
     from kvbench.strategies import STRATEGIES
 
     gen, sampling = _defaults()
-    parser = argparse.ArgumentParser(prog="kvbench", description="KV-cache strategies for transformer inference, measured.")
-    sub = parser.add_subparsers(dest="command", required=True)
 
     def model_args(p, default_model):
         p.add_argument("--model", default=default_model,
@@ -35,10 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", choices=DEVICES, default=None if default_model is None else "auto")
         p.add_argument("--dtype", choices=list(DTYPES), default=None if default_model is None else "auto")
 
-    sub.add_parser("env", help="device and library check")
-    sub.add_parser("list", help="models, strategies and suites")
-
-    g = sub.add_parser("generate", help="sanity generation with timings")
     g.add_argument("prompt")
     model_args(g, EMBEDDED)
     g.add_argument("--strategy", default="dynamic",
@@ -50,7 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=sampling.seed)
     g.add_argument("--no-chat", action="store_true", help="send the prompt without the chat template")
 
-    r = sub.add_parser("run", help="run a suite (a shipped name or a .yaml path) and write its report")
     r.add_argument("suite")
     model_args(r, None)
     r.add_argument("--quick", action="store_true", help="the suite's small version (under 2 minutes on a laptop CPU)")
@@ -63,11 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--memory-limit", help="refuse sweeps estimated above this (e.g. 8GB); default 80%% of available")
     r.add_argument("--dry-run", action="store_true", help="list the points and exit")
     r.add_argument("--no-progress", action="store_true")
-
-    rep = sub.add_parser("report", help="write OUT/report.md and OUT/figures from a run's results")
-    rep.add_argument("out", type=Path)
-    _load_parser(sub)
-    return parser
 
 
 def _load_parser(sub) -> None:
@@ -149,12 +161,20 @@ def _interrupted(args: argparse.Namespace | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     _one_line_warnings()
     args = None
+    command = _command(sys.argv[1:] if argv is None else argv)
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(engine_flags=command in ENGINE_FLAGS).parse_args(argv)
         return {"env": cmd_env, "list": cmd_list, "generate": cmd_generate, "run": cmd_run, "report": cmd_report,
                 "load": cmd_load}[args.command](args)
     except KvbenchError as exc:
         print(f"kvbench: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.partition(".")[0] == "kvbench":
+            raise  # a broken kvbench install, not a missing extra
+        extra = EXTRAS.get(command, "engine")
+        print(f"kvbench: error: kvbench {command} needs {exc.name.partition('.')[0]}, which is not installed; "
+              f"install it with pip install 'kvbench[{extra}]'", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(_interrupted(args), file=sys.stderr)
@@ -164,7 +184,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+def _command(argv: list[str]) -> str | None:
+    """The subcommand about to run: the first word that is not an option (kvbench has no global options)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def _quiet_transformers() -> None:
+    # set before the first import: without torch, importing transformers prints advice that models are unavailable
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from transformers.utils import logging
 
     logging.disable_progress_bar()
@@ -315,7 +342,6 @@ def _run_reuse(spec, args) -> int:
 
 def cmd_report(args) -> int:
     from kvbench.bench.records import run_kind
-    from kvbench.bench.report import one_line_summary, write_report
 
     kind = run_kind(args.out)
     if kind in ("reuse", "traffic"):
@@ -330,6 +356,8 @@ def cmd_report(args) -> int:
         print(one_line(args.out))
         print(f"report: {report}")
         return 0
+    from kvbench.bench.report import one_line_summary, write_report  # its figures need matplotlib
+
     report = write_report(args.out)
     print(one_line_summary(args.out))
     print(f"report: {report}")
