@@ -14,10 +14,10 @@ from jinja2 import TemplateError
 from kvbench.bench.records import read_records
 from kvbench.cli import build_parser, load_spec_from_flags, main
 from kvbench.load.fake import FakeConfig, FakeServer
-from kvbench.load.loadgen import run_load
-from kvbench.report import write_report
+from kvbench.load.loadgen import event_loop, run_async, run_load
 from kvbench.load.session import client_cpu
 from kvbench.load.spec import LoadSpec
+from kvbench.report import write_report
 from kvbench.load.stream import Endpoint, Trace, http_clients
 from kvbench.workloads import Request, WorkloadSpec
 from kvbench.workloads.tokenizer import load_tokenizer
@@ -230,6 +230,7 @@ def test_load_command_writes_records_summary_and_report(tmp_path, capsys):
     assert "ttft_ms.p99" in inf and "itl_ms.p50" in inf and "send_lag_ms.p99" in inf
     info = json.loads((out / "run.json").read_text())
     assert info["complete"] is True and info["server"]["model"] == "fake-model"
+    assert info["client"]["event_loop"] == "uvloop"  # the load extra installs it
     metrics = info["points"]["inf"]["server_metrics"]
     assert metrics["available"] and metrics["counters"]["vllm:prefix_cache_queries_total"] == 5
     report = (out / "report.md").read_text()
@@ -241,6 +242,15 @@ def test_load_command_writes_records_summary_and_report(tmp_path, capsys):
         assert 0 < point["client_cpu_s"] and 0 < point["client_cpu_share"]
     assert "- client CPU time (a client on the server's cores takes it from the server): rate inf " in report
     assert main(["report", str(out)]) == 0  # the report command reads a load run too
+
+
+def test_run_async_runs_on_uvloop_where_installed_and_on_asyncio_without(monkeypatch):
+    async def loop_module():
+        return type(asyncio.get_running_loop()).__module__
+
+    assert run_async(loop_module()).startswith("uvloop")
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop now raises ImportError
+    assert event_loop() == "asyncio" and run_async(loop_module()).startswith("asyncio")
 
 
 def test_client_cpu_counts_this_process_cpu_time_not_waiting():

@@ -16,33 +16,53 @@ if TYPE_CHECKING:
     from kvbench.load.spec import LoadSpec
 
 
+# The commands whose flags take their choices and defaults from modules that import torch; the parser builds
+# those flags only when one of them runs, so `kvbench load` and `kvbench report` never import torch.
+ENGINE_FLAGS = ("generate",)
+# A module the command needs and the install lacks -> the extra that installs it (`kvbench load` needs only the
+# tokenizer's; every other command that fails this way runs models).
+EXTRAS = {"load": "load"}
+
+
 def _defaults():
     from kvbench.engine import GenerationConfig, SamplingConfig
 
     return GenerationConfig(), SamplingConfig()
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(engine_flags: bool = True) -> argparse.ArgumentParser:
+    """The whole CLI; with engine_flags=False, `generate` and `run` are listed without their flags (torch-free)."""
+    parser = argparse.ArgumentParser(prog="kvbench", description="KV-cache strategies for transformer inference, measured.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("env", help="device and library check")
+    sub.add_parser("list", help="models, strategies and suites")
+    g = sub.add_parser("generate", help="sanity generation with timings")
+    if engine_flags:
+        _generate_flags(g)
+    _run_parser(sub)
+    rep = sub.add_parser("report", help="write OUT/report.md and OUT/figures from a run's results (any kind of run)")
+    rep.add_argument("out", type=Path)
+    cmp = sub.add_parser("compare", help="runs side by side in one markdown table, rows aligned on what they measured")
+    cmp.add_argument("outs", type=Path, nargs="+", metavar="OUT", help="run directories (two or more, of any kind)")
+    cmp.add_argument("--out", type=Path, help="also write the table to this .md file")
+    _load_parser(sub)
+    return parser
+
+
+MODEL_HELP = "the embedded default (smollm2-135m), synthetic:<tiny|135m|1b>, a local dir, a .gguf file or a hub id"
+
+
+def _generate_flags(g: argparse.ArgumentParser) -> None:
+    """`generate`'s flags, whose choices and defaults come from modules that import torch."""
     from kvbench.device import DEVICES, DTYPES
     from kvbench.models import EMBEDDED
     from kvbench.strategies import STRATEGIES
 
     gen, sampling = _defaults()
-    parser = argparse.ArgumentParser(prog="kvbench", description="KV-cache strategies for transformer inference, measured.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def model_args(p, default_model):
-        p.add_argument("--model", default=default_model,
-                       help=f"{EMBEDDED} (embedded default), synthetic:<tiny|135m|1b>, a local dir, a .gguf file or a hub id")
-        p.add_argument("--device", choices=DEVICES, default=None if default_model is None else "auto")
-        p.add_argument("--dtype", choices=list(DTYPES), default=None if default_model is None else "auto")
-
-    sub.add_parser("env", help="device and library check")
-    sub.add_parser("list", help="models, strategies and suites")
-
-    g = sub.add_parser("generate", help="sanity generation with timings")
     g.add_argument("prompt")
-    model_args(g, EMBEDDED)
+    g.add_argument("--model", default=EMBEDDED, help=MODEL_HELP)
+    g.add_argument("--device", choices=DEVICES, default="auto")
+    g.add_argument("--dtype", choices=list(DTYPES), default="auto")
     g.add_argument("--strategy", default="dynamic",
                    help=f"one of {', '.join(STRATEGIES.names())}, with parameters as name:key=value (e.g. h2o:budget=0.25)")
     g.add_argument("--max-new-tokens", type=int, default=gen.max_new_tokens)
@@ -52,10 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=sampling.seed)
     g.add_argument("--no-chat", action="store_true", help="send the prompt without the chat template")
 
+
+def _run_parser(sub) -> None:
+    """`run`'s flags: torch-free, so a load spec runs on an install without torch (a bad device or dtype is refused
+    by the run's own checks, with the valid values)."""
     r = sub.add_parser("run", help="run a spec of any kind (a shipped name or a .yaml path: suite, reuse, traffic, "
                                    "load) and write its report")
     r.add_argument("suite")
-    model_args(r, None)
+    r.add_argument("--model", help=MODEL_HELP + "; for a load spec, the served model's name")
+    r.add_argument("--device", help="auto, cpu, cuda or mps")
+    r.add_argument("--dtype", help="auto, float32, float16 or bfloat16")
     r.add_argument("--quick", action="store_true", help="the suite's small version (under 2 minutes on a laptop CPU)")
     r.add_argument("--trials", type=int)
     r.add_argument("--warmup", type=int)
@@ -69,14 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--memory-limit", help="refuse sweeps estimated above this (e.g. 8GB); default 80%% of available")
     r.add_argument("--dry-run", action="store_true", help="list the points and exit")
     r.add_argument("--no-progress", action="store_true")
-
-    rep = sub.add_parser("report", help="write OUT/report.md and OUT/figures from a run's results (any kind of run)")
-    rep.add_argument("out", type=Path)
-    cmp = sub.add_parser("compare", help="runs side by side in one markdown table, rows aligned on what they measured")
-    cmp.add_argument("outs", type=Path, nargs="+", metavar="OUT", help="run directories (two or more, of any kind)")
-    cmp.add_argument("--out", type=Path, help="also write the table to this .md file")
-    _load_parser(sub)
-    return parser
 
 
 def _load_parser(sub) -> None:
@@ -154,12 +172,20 @@ def _interrupted(args: argparse.Namespace | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     _one_line_warnings()
     args = None
+    command = _command(sys.argv[1:] if argv is None else argv)
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(engine_flags=command in ENGINE_FLAGS).parse_args(argv)
         return {"env": cmd_env, "list": cmd_list, "generate": cmd_generate, "run": cmd_run, "report": cmd_report,
                 "compare": cmd_compare, "load": cmd_load}[args.command](args)
     except KvbenchError as exc:
         print(f"kvbench: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.partition(".")[0] == "kvbench":
+            raise  # a broken kvbench install, not a missing extra
+        extra = EXTRAS.get(command, "engine")
+        print(f"kvbench: error: kvbench {command} needs {exc.name.partition('.')[0]}, which is not installed; "
+              f"install it with pip install 'kvbench[{extra}]'", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(_interrupted(args), file=sys.stderr)
@@ -169,7 +195,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+def _command(argv: list[str]) -> str | None:
+    """The subcommand about to run: the first word that is not an option (kvbench has no global options)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def _quiet_transformers() -> None:
+    # set before the first import: without torch, importing transformers prints advice that models are unavailable
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from transformers.utils import logging
 
     logging.disable_progress_bar()
@@ -258,7 +291,6 @@ def cmd_generate(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from kvbench.bench.preflight import parse_bytes
     from kvbench.bench.runner import RunOptions
     from kvbench.bench.spec import load_spec
 
@@ -277,7 +309,11 @@ def cmd_run(args) -> int:
     if args.model and "models" in fields:
         given["models"] = ()  # --model replaces a model-size axis
     spec = spec.resolved(args.quick, **given)
-    memory_limit = None if args.memory_limit is None else parse_bytes(args.memory_limit)
+    memory_limit = None
+    if args.memory_limit is not None:
+        from kvbench.bench.preflight import parse_bytes
+
+        memory_limit = parse_bytes(args.memory_limit)
     if args.dry_run:
         points = spec.points()
         target = ", ".join(spec.model_names()) if hasattr(spec, "model_names") else getattr(spec, "url", None) or spec.model

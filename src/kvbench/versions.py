@@ -31,7 +31,8 @@ def installed(package: str) -> str | None:
 
 @cache
 def tested_ranges() -> dict[str, str]:
-    """Package -> tested specifier (e.g. 'transformers' -> '>=5.23,<=5.24.0') of kvbench's core requirements."""
+    """Package -> tested specifier (e.g. 'transformers' -> '>=5.23,<=5.24.0') of kvbench's requirements, its
+    extras' included (torch and transformers are in the `engine` extra; the base install is the load client's)."""
     ranges = {}
     try:
         requirements = metadata.requires("kvbench") or []
@@ -39,7 +40,7 @@ def tested_ranges() -> dict[str, str]:
         return ranges
     for line in requirements:
         requirement = Requirement(line)
-        if requirement.marker is None and str(requirement.specifier):
+        if str(requirement.specifier) and (requirement.marker is None or "extra" in str(requirement.marker)):
             ranges[requirement.name] = _readable(str(requirement.specifier))
     return ranges
 

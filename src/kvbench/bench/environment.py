@@ -6,10 +6,12 @@ import os
 import platform
 import subprocess
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 import kvbench
+
+if TYPE_CHECKING:  # imported by describe(): describe_host() serves the load client, which runs without torch
+    import torch
 
 
 def describe_host() -> dict:
@@ -25,6 +27,7 @@ def describe_host() -> dict:
 
 
 def describe(device: torch.device) -> dict:
+    import torch
     import transformers
 
     from kvbench.versions import untested, versions
@@ -52,6 +55,8 @@ def _cpu_name() -> str:
 
 
 def _device_name(device: torch.device) -> str:
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "mps":

@@ -1,4 +1,4 @@
-"""One run at a time per output directory.
+"""The output directory: writable, and one run at a time in it.
 
 Two runs appending to one results.jsonl (two `--resume` started together) would each measure the
 trials the other is measuring, and the report would count them twice. A run holds an exclusive
@@ -17,6 +17,18 @@ from pathlib import Path
 from kvbench.errors import KvbenchError
 
 LOCK = ".lock"
+
+
+def prepare_out_dir(out: Path) -> Path:
+    """Create OUT and check that it is writable, before anything is measured (torch-free: the load client uses it)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".kvbench-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise KvbenchError(f"cannot write to output dir {out}: {exc.strerror or exc}; choose another --out") from None
+    return out
 
 
 @contextmanager

@@ -43,6 +43,7 @@ class _SequenceSession:
     """What the reuse and traffic kinds share: one model, sequences of requests, one record per request."""
 
     unit = "request"
+    max_unsynced_records = None
 
     def __init__(self, spec: ReuseSuiteSpec | TrafficSuiteSpec, options: RunOptions, lm: LoadedModel | None = None):
         self.spec, self.options, self.lm = spec, options, lm

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from tqdm import tqdm
 
 from kvbench.bench import provenance
-from kvbench.bench.outlock import locked
+from kvbench.bench.outlock import locked, prepare_out_dir
 from kvbench.bench.records import RESULTS, RUN_INFO, ResultsWriter, atomic_write_text, repair
 from kvbench.bench.spec import RunSpec
 from kvbench.errors import KvbenchError
@@ -55,6 +55,9 @@ class Session(Protocol):
     """How one kind measures. Every record a session emits carries `point` (the point's key) and `trial`."""
 
     unit: str  # what the progress bar counts ("trial", "request")
+    # None: every record fsynced before the next is measured; N: written in batches by a thread, at most N not yet
+    # fsynced (a crash loses at most N; Ctrl-C none), for kinds that must not block on a disk (an HTTP send loop)
+    max_unsynced_records: int | None
 
     def environment(self) -> dict:
         """What the run is measured on (kvbench.bench.environment); compared on resume."""
@@ -81,17 +84,6 @@ class Session(Protocol):
 
     def measure(self, point: Any, trial: int, emit: Emit) -> dict | None:
         """Measure one point once, emitting its records; returns run.json facts about it (run.json `points`)."""
-
-
-def prepare_out_dir(out: Path) -> Path:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".kvbench-write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise KvbenchError(f"cannot write to output dir {out}: {exc.strerror or exc}; choose another --out") from None
-    return out
 
 
 def run(spec: RunSpec, options: RunOptions, session: Session | None = None) -> RunOutcome:
@@ -124,7 +116,7 @@ def _run(spec: RunSpec, options: RunOptions, session: Session, out: Path) -> Run
     bar = tqdm(total=sum(sizes[p.key] for p, _ in todo), desc=spec.name, unit=session.unit,
                disable=not options.progress)
     try:
-        with ResultsWriter(out / RESULTS) as writer:
+        with ResultsWriter(out / RESULTS, max_pending=session.max_unsynced_records) as writer:
             def emit(record: dict) -> None:
                 writer.append(record)
                 if not record.get("warmup"):

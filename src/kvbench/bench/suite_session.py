@@ -29,6 +29,7 @@ from kvbench.workloads import Request, build_requests, for_model
 
 class SuiteSession:
     unit = "trial"
+    max_unsynced_records = None
 
     def __init__(self, spec: SuiteSpec, options: RunOptions, lm: LoadedModel | None = None):
         """`lm`, when given, serves its own model spec instead of loading it (tests, notebooks)."""
