@@ -4,7 +4,7 @@ The engine runs the model on one packed row `[1, T]` without a transformers cach
 `StepContext` as a forward keyword (`kvbench_ctx`); transformers hands keyword arguments down to the
 attention function, which writes each new token's K/V into its slot in the pool and attends:
 - rows with one query token (decode, or a one-token chunk) together: one gather of every row's context
-  slots, padded to the longest, and one SDPA with a key-padding mask;
+  slots, padded to the longest, and one SDPA with a key-padding mask (none when no row is padded);
 - longer prefill chunks one by one: SDPA over the chunk's context slots with a causal mask offset by
   the tokens before the chunk (plain `is_causal` when there are none).
 transformers builds no mask for an attention name it does not know (`create_causal_mask` returns
@@ -46,7 +46,7 @@ class StepContext:
     slot_mapping: torch.Tensor  # [T]: where each packed row's K/V is written
     num_single: int
     single_index: torch.Tensor | None  # [B, Lmax] slots of each single row's context (0 where padded)
-    single_mask: torch.Tensor | None  # [B, 1, 1, Lmax] bool
+    single_mask: torch.Tensor | None  # [B, 1, 1, Lmax] bool; None when every row has Lmax tokens
     chunks: tuple[Chunk, ...]
 
 
@@ -62,12 +62,15 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
     out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [T, H, d]
     b = ctx.num_single
     if b:
-        keys = k_pool[ctx.single_index].transpose(1, 2)  # [B, kvh, Lmax, d]
-        values = v_pool[ctx.single_index].transpose(1, 2)
-        q = query[0, :, :b].transpose(0, 1).unsqueeze(2)  # [B, H, 1, d]
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.single_mask, scale=scaling,
-                                           enable_gqa=True)
-        out[:b] = o[:, :, 0]
+        index = ctx.single_index.flatten()
+        shape = (*ctx.single_index.shape, *k_pool.shape[1:])
+        keys = k_pool.index_select(0, index).view(shape).transpose(1, 2)  # [B, kvh, Lmax, d]
+        values = v_pool.index_select(0, index).view(shape).transpose(1, 2)
+        # One query per row: the heads sharing a KV head become that head's queries ([B, kvh, group, d]),
+        # so GQA needs neither repeated K/V nor enable_gqa (as transformers' sdpa does for decode).
+        q = query[0, :, :b].transpose(0, 1).reshape(b, keys.shape[1], -1, query.shape[3])
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.single_mask, scale=scaling)
+        out[:b] = o.reshape(b, query.shape[1], query.shape[3])
     for c in ctx.chunks:
         if c.mask is None:  # no past: the chunk's own K/V are its whole context
             keys, values = key[:, :, c.q0:c.q1], value[:, :, c.q0:c.q1]

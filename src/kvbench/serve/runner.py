@@ -54,7 +54,8 @@ def prepare(rows: list[Row], pool: BlockPool, store: KVStore, device: torch.devi
         table = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device)
         span = torch.arange(longest, device=device)
         single_index = context_slots(table, span, bs)  # padding reads block 0's slots, masked out below
-        single_mask = (span[None] < lengths[:, None])[:, None, None]
+        if any(r.start + 1 < longest for r in singles):
+            single_mask = (span[None] < lengths[:, None])[:, None, None]
     packed_chunks, q0 = [], len(singles)
     for row in chunks:
         end = row.start + row.n

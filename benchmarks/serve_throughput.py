@@ -1,0 +1,138 @@
+"""Continuous batching throughput of `kvbench.serve.Engine`: aggregate decode tokens/s against one at a time.
+
+All requests arrive at once (rate inf), fixed lengths, EOS ignored. For each `max_num_seqs` B, the
+engine serves every request and we read its step log: decode tok/s = decode tokens / time of the
+steps that ran only decode rows (so prefill does not dilute it), and output tok/s = all output tokens
+/ the whole run (prefill included). The baseline is B = 1 through the same engine on the first
+`--sequential` requests (one at a time, the rate per request does not depend on how many); for each
+of them `kvbench.engine.generate()` (strategy `dynamic`, batch 1) runs the same prompt right after,
+so the engine's single-stream decode speed is compared in alternation, as the runner compares strategies.
+Run under the CPU lock:
+  flock /tmp/kvbench-cpu.lock .venv/bin/python benchmarks/serve_throughput.py --out benchmarks/recorded/serve-throughput
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import random
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from kvbench.bench.environment import describe_host
+from kvbench.bench.records import atomic_write_text
+from kvbench.engine import GenerationConfig, generate
+from kvbench.models import load_model
+from kvbench.serve import Engine, EngineConfig, SamplingParams
+from kvbench.strategies import build_strategy
+
+
+def prompts(count: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(length)] for _ in range(count)]
+
+
+def engine_config(args, max_num_seqs: int) -> EngineConfig:
+    per_request = -(-(args.prompt_tokens + args.output_tokens) // args.block_size)
+    return EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                        block_size=args.block_size, num_blocks=(max_num_seqs + 1) * per_request)
+
+
+def serve(lm, args, max_num_seqs: int, batch: list[list[int]]) -> dict:
+    engine = Engine(lm, engine_config(args, max_num_seqs))
+    params = SamplingParams(max_tokens=args.output_tokens, ignore_eos=True)
+    start = engine.now()
+    requests = engine.generate(batch, params)
+    wall = engine.now() - start
+    steps = engine.step_log
+    decode_only = [s for s in steps if s.prefill_tokens == 0]
+    decode_s = sum(s.step_ms for s in decode_only) / 1e3
+    output = sum(len(r.output_ids) for r in requests)
+    return {
+        "max_num_seqs": max_num_seqs, "requests": len(batch), "wall_s": wall, "steps": len(steps),
+        "output_tokens": output, "output_tok_s": output / wall,
+        "decode_tok_s": sum(s.decode_tokens for s in decode_only) / decode_s,
+        "mean_running_decode_steps": statistics.fmean(s.num_running for s in decode_only),
+        "step_ms_p50_decode": statistics.median(s.step_ms for s in decode_only),
+        "share_ms": {k: sum(getattr(s, k) for s in steps) / sum(s.step_ms for s in steps)
+                     for k in ("schedule_ms", "prepare_ms", "forward_ms", "sample_ms")},
+        "kv_blocks_used_peak": max(s.blocks_used for s in steps),
+        "preemptions": sum(r.preemptions for r in requests),
+    }
+
+
+def single_stream(lm, args, batch: list[list[int]]) -> dict:
+    """B = 1 through the engine, and generate() on the same prompt right after, request by request."""
+    engine_rates, generate_rates = [], []
+    config = GenerationConfig(max_new_tokens=args.output_tokens, stop_at_eos=False)
+    params = SamplingParams(max_tokens=args.output_tokens, ignore_eos=True)
+    engine = Engine(lm, engine_config(args, 1))
+    for prompt in batch:
+        (request,) = engine.generate([prompt], params)
+        t = request.timeline
+        engine_rates.append((len(t.token_s) - 1) / (t.token_s[-1] - t.first_token_s))
+        result = generate(lm, build_strategy("dynamic"), [prompt], config)
+        times = result.step_times_s
+        generate_rates.append((len(times) - 1) / (times[-1] - times[0]))
+    return {"requests": len(batch), "engine_decode_tok_s": engine_rates, "generate_decode_tok_s": generate_rates,
+            "engine_median": statistics.median(engine_rates), "generate_median": statistics.median(generate_rates)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--sequential", type=int, default=8, help="requests run one at a time for the baseline")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--output-tokens", type=int, default=128)
+    parser.add_argument("--max-num-seqs", default="8,16,32")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=512)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--out", type=Path, help="a directory for results.json and report.md")
+    args = parser.parse_args()
+    lm = load_model(args.model, device="cpu", dtype="float32")
+    batch = prompts(args.requests, args.prompt_tokens, lm.config.vocab_size)
+    serve(lm, args, 2, prompts(2, 16, lm.config.vocab_size, seed=1))  # warm up
+    single = single_stream(lm, args, batch[:args.sequential])
+    base = single["engine_median"]
+    print(f"one at a time ({single['requests']} requests): engine {base:.1f} decode tok/s, generate() "
+          f"{single['generate_median']:.1f}; ratio {base / single['generate_median']:.3f}", flush=True)
+    rows = []
+    for b in (int(x) for x in args.max_num_seqs.split(",")):
+        row = serve(lm, args, b, batch)
+        row["decode_vs_one_at_a_time"] = row["decode_tok_s"] / base
+        rows.append(row)
+        print(f"max_num_seqs {b}: decode {row['decode_tok_s']:.1f} tok/s ({row['decode_vs_one_at_a_time']:.2f}x), "
+              f"output {row['output_tok_s']:.1f} tok/s over {row['wall_s']:.1f} s, preemptions {row['preemptions']}",
+              flush=True)
+    if args.out:
+        record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "command": shlex.join([sys.executable.rsplit("/", 1)[-1], *sys.argv]), "args": vars(args) | {"out": str(args.out)},
+                  "host": describe_host(), "torch_threads": torch.get_num_threads(), "single_stream": single, "rows": rows}
+        args.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.out / "results.json", json.dumps(record, indent=1) + "\n")
+        atomic_write_text(args.out / "report.md", report(record))
+
+
+def report(record: dict) -> str:
+    single = record["single_stream"]
+    lines = [f"# serve throughput ({record['date']})", "", f"`{record['command']}`", "",
+             f"One at a time ({single['requests']} requests, medians): engine {single['engine_median']:.1f} decode tok/s, "
+             f"`generate()` {single['generate_median']:.1f}: ratio **{single['engine_median'] / single['generate_median']:.3f}**.",
+             "", "| max_num_seqs | requests | decode tok/s | vs one at a time | output tok/s (prefill incl.) | wall s "
+             "| decode step p50 ms | schedule+prepare share | preemptions |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in record["rows"]:
+        overhead = r["share_ms"]["schedule_ms"] + r["share_ms"]["prepare_ms"]
+        lines.append(f"| {r['max_num_seqs']} | {r['requests']} | {r['decode_tok_s']:.1f} | {r['decode_vs_one_at_a_time']:.2f}x "
+                     f"| {r['output_tok_s']:.1f} | {r['wall_s']:.1f} | {r['step_ms_p50_decode']:.1f} | {overhead:.1%} "
+                     f"| {r['preemptions']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
