@@ -170,3 +170,22 @@ def test_requests_that_can_never_run_are_refused(tiny):
         Engine(tiny, EngineConfig(max_model_len=32, num_blocks=64)).add_request(list(range(30)), GREEDY)
     with pytest.raises(KvbenchError, match="admission must be one of"):
         EngineConfig(admission="eager")
+
+
+def test_requests_join_at_their_arrival_time(tiny):
+    engine = Engine(tiny, EngineConfig(num_blocks=64))
+    now = engine.now()
+    early = engine.add_request(_prompts()[0], GREEDY, arrival_s=now)
+    late = engine.add_request(_prompts()[1], GREEDY, arrival_s=now + 0.05)
+    engine.step()
+    assert engine.requests[early].num_computed > 0 and engine.requests[late].timeline.first_scheduled_s is None
+    engine.run_until_idle()
+    late = engine.requests[late]
+    assert late.timeline.first_scheduled_s >= late.timeline.arrival_s == now + 0.05
+    assert late.output_ids == _reference(tiny, _prompts()[1])
+
+
+def test_a_prompt_filling_the_pool_runs_alone_despite_the_watermark(tiny):
+    engine = Engine(tiny, EngineConfig(block_size=4, num_blocks=20, watermark=0.5))
+    (request,) = engine.generate([_prompts()[2]], GREEDY)  # 40 + 8 tokens: 12 of 20 blocks, over the watermark
+    assert request.output_ids == _reference(tiny, _prompts()[2])

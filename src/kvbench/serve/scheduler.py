@@ -116,7 +116,8 @@ class Scheduler:
             else:
                 promise = 0
                 cost = self.pool.admission_cost(matched, computed + n)
-                ok = cost + self.watermark_blocks <= self.pool.available
+                watermark = self.watermark_blocks if self.running else 0  # alone, a request may use the whole pool
+                ok = cost + watermark <= self.pool.available
             if not ok:
                 break
             self.waiting.popleft()
