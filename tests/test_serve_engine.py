@@ -4,7 +4,6 @@ whatever the batching, chunking, block size, prefix caching, backend or preempti
 import random
 
 import pytest
-import torch
 
 from kvbench.engine import GenerationConfig, generate
 from kvbench.engine.sampling import SamplingConfig

@@ -7,6 +7,7 @@ after a device synchronisation) and the pool's exact state after it.
 
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass
 
@@ -78,8 +79,7 @@ class Engine:
         self.requests[request_id] = request
         if not sampling.sampling.greedy:
             self._samplers[request_id] = Sampler(sampling.sampling, self.lm.device)
-        self._arrivals.append(request)
-        self._arrivals.sort(key=lambda r: r.timeline.arrival_s)
+        bisect.insort(self._arrivals, request, key=lambda r: r.timeline.arrival_s)
         return request_id
 
     def abort(self, request_id: int) -> None:
