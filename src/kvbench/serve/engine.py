@@ -1,8 +1,8 @@
 """The engine loop: requests join and leave the running batch at every step, and each step is one
 forward pass over the decode rows and prefill chunks of every scheduled request, packed without padding.
 
-Each step records where its time went (schedule / prepare / forward / sample, every clock reading
-after a device synchronisation) and the pool's exact state after it.
+Each step records where its time went (schedule / prepare / forward / sample / update, every clock
+reading after a device synchronisation) and the pool's exact state after it.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ class StepStats:
     prepare_ms: float
     forward_ms: float
     sample_ms: float
+    update_ms: float  # advancing requests, keying full blocks, finishing
     num_running: int
     num_waiting: int
     prefill_tokens: int  # prompt chunks and recomputation after preemption
@@ -47,7 +48,7 @@ class StepStats:
 
     @property
     def step_ms(self) -> float:
-        return self.schedule_ms + self.prepare_ms + self.forward_ms + self.sample_ms
+        return self.schedule_ms + self.prepare_ms + self.forward_ms + self.sample_ms + self.update_ms
 
 
 class Engine:
@@ -113,7 +114,7 @@ class Engine:
         tokens = runner.sample(logits, inputs.emitting, self._samplers)
         t4 = self.now()
         outputs = self._update(plan, inputs.emitting, tokens, t4)
-        self._log(plan, inputs.emitting, (t0, t1, t2, t3, t4))
+        self._log(plan, inputs.emitting, (t0, t1, t2, t3, t4, self.now()))
         return outputs
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams = SamplingParams()) -> list[Request]:
