@@ -3,10 +3,12 @@
 All requests arrive at once (rate inf), fixed lengths, EOS ignored. For each `max_num_seqs` B, the
 engine serves every request and we read its step log: decode tok/s = decode tokens / time of the
 steps that ran only decode rows (so prefill does not dilute it), and output tok/s = all output tokens
-/ the whole run (prefill included). The baseline is B = 1 through the same engine on the first
-`--sequential` requests (one at a time, the rate per request does not depend on how many); for each
-of them `kvbench.engine.generate()` (strategy `dynamic`, batch 1) runs the same prompt right after,
-so the engine's single-stream decode speed is compared in alternation, as the runner compares strategies.
+/ the whole run (prefill included). The baseline is B = 1 through the same engine: before each
+batched point, `--sequential` requests run one at a time (the rate per request does not depend on how
+many), so the machine's drift (it is shared) spreads over the baseline and the batched points alike;
+for each of them `kvbench.engine.generate()` (strategy `dynamic`, batch 1) runs the same prompt right
+after, so the engine's single-stream decode speed is compared in alternation too. A few steps slowed
+by other processes move the aggregate a lot, so throughput at the median step is reported next to it.
 Run under the CPU lock:
   flock /tmp/kvbench-cpu.lock .venv/bin/python benchmarks/serve_throughput.py --out benchmarks/recorded/serve-throughput
 """
@@ -51,7 +53,7 @@ def decode_stats(steps) -> dict:
     times = [s.step_ms for s in decode_only]
     rows = statistics.fmean(s.decode_tokens for s in decode_only)
     median = statistics.median(times)
-    quantiles = statistics.quantiles(times, n=100)
+    quantiles = statistics.quantiles(times, n=100, method="inclusive")
     return {"steps": len(times), "decode_tok_s": sum(s.decode_tokens for s in decode_only) / (sum(times) / 1e3),
             "decode_tok_s_at_median_step": rows / (median / 1e3), "mean_rows": rows, "step_ms_mean": statistics.fmean(times),
             "step_ms_p50": median, "step_ms_p90": quantiles[89], "step_ms_p99": quantiles[98], "step_ms_max": max(times),
@@ -76,29 +78,37 @@ def serve(lm, args, max_num_seqs: int, batch: list[list[int]]) -> dict:
     }
 
 
-def single_stream(lm, args, batch: list[list[int]]) -> dict:
-    """B = 1 through the engine, and generate() on the same prompt right after, request by request."""
-    engine_rates, generate_rates = [], []
-    config = GenerationConfig(max_new_tokens=args.output_tokens, stop_at_eos=False)
-    params = SamplingParams(max_tokens=args.output_tokens, ignore_eos=True)
-    engine = Engine(lm, engine_config(args, 1))
-    for prompt in batch:
-        (request,) = engine.generate([prompt], params)
-        t = request.timeline
-        engine_rates.append((len(t.token_s) - 1) / (t.token_s[-1] - t.first_token_s))
-        result = generate(lm, build_strategy("dynamic"), [prompt], config)
-        times = result.step_times_s
-        generate_rates.append((len(times) - 1) / (times[-1] - times[0]))
-    return {"requests": len(batch), "engine_decode_tok_s": engine_rates, "generate_decode_tok_s": generate_rates,
-            "engine_median": statistics.median(engine_rates), "generate_median": statistics.median(generate_rates),
-            "engine_steps": decode_stats(engine.step_log)}
+class OneAtATime:
+    """The baseline: B = 1 through the engine, and generate() on the same prompt right after, request by request."""
+
+    def __init__(self, lm, args):
+        self.lm, self.engine = lm, Engine(lm, engine_config(args, 1))
+        self.config = GenerationConfig(max_new_tokens=args.output_tokens, stop_at_eos=False)
+        self.params = SamplingParams(max_tokens=args.output_tokens, ignore_eos=True)
+        self.engine_rates: list[float] = []
+        self.generate_rates: list[float] = []
+
+    def run(self, batch: list[list[int]]) -> None:
+        for prompt in batch:
+            (request,) = self.engine.generate([prompt], self.params)
+            t = request.timeline
+            self.engine_rates.append((len(t.token_s) - 1) / (t.token_s[-1] - t.first_token_s))
+            times = generate(self.lm, build_strategy("dynamic"), [prompt], self.config).step_times_s
+            self.generate_rates.append((len(times) - 1) / (times[-1] - times[0]))
+
+    def summary(self) -> dict:
+        return {"requests": len(self.engine_rates), "engine_decode_tok_s": self.engine_rates,
+                "generate_decode_tok_s": self.generate_rates, "engine_median": statistics.median(self.engine_rates),
+                "generate_median": statistics.median(self.generate_rates),
+                "engine_steps": decode_stats(self.engine.step_log)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--sequential", type=int, default=8, help="requests run one at a time for the baseline")
+    parser.add_argument("--sequential", type=int, default=3,
+                        help="requests run one at a time (the baseline) before each batched point")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--output-tokens", type=int, default=128)
     parser.add_argument("--max-num-seqs", default="8,16,32")
@@ -109,23 +119,28 @@ def main() -> None:
     lm = load_model(args.model, device="cpu", dtype="float32")
     batch = prompts(args.requests, args.prompt_tokens, lm.config.vocab_size)
     serve(lm, args, 2, prompts(2, 16, lm.config.vocab_size, seed=1))  # warm up
-    single = single_stream(lm, args, batch[:args.sequential])
+    points = [int(x) for x in args.max_num_seqs.split(",")]
+    one = OneAtATime(lm, args)
+    rows = []
+    for i, b in enumerate(points):
+        one.run(batch[i * args.sequential:(i + 1) * args.sequential])
+        row = serve(lm, args, b, batch)
+        rows.append(row)
+        print(f"max_num_seqs {b}: decode {row['decode_tok_s']:.1f} tok/s aggregate, {row['decode_tok_s_at_median_step']:.1f} "
+              f"at the median step (p50 {row['step_ms_p50']:.0f} ms, p99 {row['step_ms_p99']:.0f}, max "
+              f"{row['step_ms_max']:.0f}); output {row['output_tok_s']:.1f} tok/s over {row['wall_s']:.1f} s; "
+              f"preemptions {row['preemptions']}", flush=True)
+    single = one.summary()
     base = single["engine_steps"]
     print(f"one at a time ({single['requests']} requests): engine {single['engine_median']:.1f} decode tok/s, "
           f"generate() {single['generate_median']:.1f} (medians of per-request rates); ratio "
           f"{single['engine_median'] / single['generate_median']:.3f}; engine decode steps: {base['decode_tok_s']:.1f} "
           f"tok/s aggregate, {base['decode_tok_s_at_median_step']:.1f} at the median step", flush=True)
-    rows = []
-    for b in (int(x) for x in args.max_num_seqs.split(",")):
-        row = serve(lm, args, b, batch)
+    for row in rows:
         row["decode_vs_one_at_a_time"] = row["decode_tok_s"] / base["decode_tok_s"]
         row["median_step_vs_one_at_a_time"] = row["decode_tok_s_at_median_step"] / base["decode_tok_s_at_median_step"]
-        rows.append(row)
-        print(f"max_num_seqs {b}: decode {row['decode_tok_s']:.1f} tok/s ({row['decode_vs_one_at_a_time']:.2f}x) "
-              f"aggregate, {row['decode_tok_s_at_median_step']:.1f} ({row['median_step_vs_one_at_a_time']:.2f}x) at the "
-              f"median step (p50 {row['step_ms_p50']:.0f} ms, p99 {row['step_ms_p99']:.0f}, max {row['step_ms_max']:.0f}); "
-              f"output {row['output_tok_s']:.1f} tok/s over {row['wall_s']:.1f} s; preemptions {row['preemptions']}",
-              flush=True)
+        print(f"max_num_seqs {row['max_num_seqs']}: {row['decode_vs_one_at_a_time']:.2f}x aggregate, "
+              f"{row['median_step_vs_one_at_a_time']:.2f}x at the median step")
     if args.out:
         record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "command": shlex.join([sys.executable.rsplit("/", 1)[-1], *sys.argv]), "args": vars(args) | {"out": str(args.out)},
