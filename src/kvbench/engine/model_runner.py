@@ -72,3 +72,13 @@ def forward(
             "dispatches attention another way (kvbench env shows the tested range)"
         )
     return logits
+
+
+def forward_packed(model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
+                   logits_to_keep: torch.Tensor, **attention_kwargs) -> torch.Tensor:
+    """Logits `[1, len(logits_to_keep), vocab]` of several sequences packed into one row `[1, T]`, run
+    without a transformers cache: the attention function set on the model (kvbench.serve's paged
+    attention) holds the KV and receives `attention_kwargs`; only the rows in `logits_to_keep` reach
+    the LM head."""
+    return model(input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=logits_to_keep,
+                 **attention_kwargs).logits

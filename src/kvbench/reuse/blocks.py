@@ -56,12 +56,18 @@ def token_bytes(tokens) -> bytes:
 
 def chain_keys(tokens: list[int], ns: Namespace) -> list[str]:
     """The chain key of every full block of `tokens`, in order."""
-    keys, previous = [], ns.digest
-    raw = np.asarray(tokens, dtype="<i4")
+    keys, previous = [], None
     for start in range(0, len(tokens) - ns.block_size + 1, ns.block_size):
-        previous = hashlib.blake2b(previous + raw[start:start + ns.block_size].tobytes(), digest_size=_DIGEST).digest()
-        keys.append(previous.hex())
+        previous = extend_chain(previous, tokens[start:start + ns.block_size], ns)
+        keys.append(previous)
     return keys
+
+
+def extend_chain(previous: str | None, block_tokens, ns: Namespace) -> str:
+    """The chain key of the block after the block keyed `previous` (None: the first block), so blocks
+    completed later (during decode) get the key a whole-prompt `chain_keys` would give them."""
+    start = ns.digest if previous is None else bytes.fromhex(previous)
+    return hashlib.blake2b(start + token_bytes(block_tokens), digest_size=_DIGEST).hexdigest()
 
 
 def content_key(tokens, ns: Namespace) -> str:

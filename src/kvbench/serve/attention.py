@@ -1,0 +1,111 @@
+"""Paged attention for unmodified HF models, through transformers' attention interface.
+
+The engine runs the model on one packed row `[1, T]` without a transformers cache, and passes a
+`StepContext` as a forward keyword (`kvbench_ctx`); transformers hands keyword arguments down to the
+attention function, which writes each new token's K/V into its slot in the pool and attends:
+- rows with one query token (decode, or a one-token chunk) together: one gather of every row's context
+  slots, padded to the longest, and one SDPA with a key-padding mask (none when no row is padded);
+- longer prefill chunks one by one: SDPA over the chunk's context slots with a causal mask offset by
+  the tokens before the chunk (plain `is_causal` when there are none).
+transformers builds no mask for an attention name it does not know (`create_causal_mask` returns
+None), so nothing is computed twice. The name is set on the model's config only inside
+`paged_attention(model)`, so every other forward in kvbench keeps the model's own attention.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from kvbench.errors import KvbenchError
+from kvbench.serve.kv import KVStore
+
+ATTENTION_NAME = "kvbench_paged"
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A prefill chunk: packed rows [q0, q1) attend to `slots` (its request's positions 0..past+n)."""
+
+    q0: int
+    q1: int
+    slots: torch.Tensor  # [past + n]
+    mask: torch.Tensor | None  # [n, past + n] bool (True: attend), None when past == 0 (plain causal)
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """One step's metadata, shared by every layer: packed rows are the single-token rows first
+    (`num_single`), then the chunks."""
+
+    store: KVStore
+    slot_mapping: torch.Tensor  # [T]: where each packed row's K/V is written
+    num_single: int
+    single_index: torch.Tensor | None  # [B, Lmax] slots of each single row's context (0 where padded)
+    single_mask: torch.Tensor | None  # [B, 1, 1, Lmax] bool; None when every row has Lmax tokens
+    chunks: tuple[Chunk, ...]
+
+
+def paged_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                            kvbench_ctx: StepContext | None = None, **_):
+    """The registered attention function: q `[1, H, T, d]`, k and v `[1, kvh, T, d]` -> `[1, T, H, d]`."""
+    ctx = kvbench_ctx
+    if ctx is None:
+        raise KvbenchError(f"{ATTENTION_NAME} attention runs only inside kvbench.serve's engine step")
+    k_pool, v_pool = ctx.store.flat(module.layer_idx)
+    k_pool.index_copy_(0, ctx.slot_mapping, key[0].transpose(0, 1))
+    v_pool.index_copy_(0, ctx.slot_mapping, value[0].transpose(0, 1))
+    out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [T, H, d]
+    b = ctx.num_single
+    if b:
+        index = ctx.single_index.flatten()
+        shape = (*ctx.single_index.shape, *k_pool.shape[1:])
+        keys = k_pool.index_select(0, index).view(shape).transpose(1, 2)  # [B, kvh, Lmax, d]
+        values = v_pool.index_select(0, index).view(shape).transpose(1, 2)
+        # One query per row: the heads sharing a KV head become that head's queries ([B, kvh, group, d]),
+        # so GQA needs neither repeated K/V nor enable_gqa (as transformers' sdpa does for decode).
+        q = query[0, :, :b].transpose(0, 1).reshape(b, keys.shape[1], -1, query.shape[3])
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.single_mask, scale=scaling)
+        out[:b] = o.reshape(b, query.shape[1], query.shape[3])
+    for c in ctx.chunks:
+        if c.mask is None:  # no past: the chunk's own K/V are its whole context
+            keys, values = key[:, :, c.q0:c.q1], value[:, :, c.q0:c.q1]
+        else:
+            keys, values = k_pool[c.slots].transpose(0, 1)[None], v_pool[c.slots].transpose(0, 1)[None]
+        o = F.scaled_dot_product_attention(query[:, :, c.q0:c.q1], keys, values, attn_mask=c.mask,
+                                           is_causal=c.mask is None, scale=scaling, enable_gqa=True)
+        out[c.q0:c.q1] = o[0].transpose(0, 1)
+    return out[None], None
+
+
+AttentionInterface.register(ATTENTION_NAME, paged_attention_forward)
+
+
+@contextlib.contextmanager
+def paged_attention(model):
+    """Run `model`'s forwards with the paged attention; its own implementation is restored after."""
+    config = model.config
+    previous = config._attn_implementation
+    config._attn_implementation = ATTENTION_NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+def check_servable(lm) -> None:
+    """Refuse models whose layers do not all attend to every earlier position (sliding-window or hybrid):
+    the pool keeps every position and the gather applies no window, so their output would differ."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    kinds = {type(layer).__name__ for layer in DynamicCache(config=lm.config).layers}
+    if kinds != {DynamicLayer.__name__}:
+        raise KvbenchError(
+            f"{lm.name} uses {', '.join(sorted(kinds))} cache layers (sliding-window or hybrid attention); "
+            "kvbench serve supports models whose every layer attends to all earlier positions"
+        )

@@ -1,0 +1,60 @@
+"""The serving engine's configuration. Field names follow vLLM's flags where vLLM has one."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from kvbench.errors import KvbenchError
+
+KV_BACKENDS = ("paged", "contiguous")
+ADMISSIONS = ("optimistic", "reserve")
+DEFAULT_KV_CACHE_MEMORY = 256 * 2**20  # bytes; stands in for "GPU memory left for KV" on a CPU
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine batches requests and holds their KV.
+
+    kv_backend: `paged` (a pool of `block_size`-token blocks, shared prefixes held once) or `contiguous`
+    (one slab of `max_model_len` tokens per request, TensorRT-LLM's "paging off").
+    kv_cache_memory / num_blocks: the pool's size in bytes, or in blocks (num_blocks wins).
+    admission: `optimistic` admits with blocks for the next chunk plus a `watermark` fraction of the
+    pool kept free, and preempts the newest request (recompute) when a running one cannot grow;
+    `reserve` admits only when prompt + max_tokens fit, and never preempts.
+    """
+
+    kv_backend: str = "paged"
+    block_size: int = 16
+    kv_cache_memory: int | None = None
+    num_blocks: int | None = None
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 512
+    chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+    admission: str = "optimistic"
+    watermark: float = 0.01
+    max_model_len: int | None = None  # default: the model's context window
+
+    def __post_init__(self):
+        _one_of("kv_backend", self.kv_backend, KV_BACKENDS)
+        _one_of("admission", self.admission, ADMISSIONS)
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            _positive(name, getattr(self, name))
+        for name in ("kv_cache_memory", "num_blocks", "max_model_len"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
+        if not 0 <= self.watermark < 1:
+            raise KvbenchError(f"watermark must be a fraction of the pool in [0, 1), got {self.watermark!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _one_of(name: str, value, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise KvbenchError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def _positive(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise KvbenchError(f"{name} must be a positive whole number, got {value!r}")

@@ -1,0 +1,79 @@
+"""Where the KV lives: per layer `[num_blocks, block_size, kv_heads, head_dim]` (vLLM's NHD layout), and
+the block pool that hands out its slots.
+
+Two backends behind the one interface (a `BlockPool` over a `KVStore`):
+- `paged`: blocks of `block_size` tokens, allocated as requests grow, shared prefixes held once;
+- `contiguous`: one slab of `max_model_len` tokens per request (TensorRT-LLM's "paging off"), the
+  baseline paging is compared against. It is a pool whose single block per request is the whole slab,
+  never shared, so it reserves `max_model_len` tokens per running request whatever its length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvbench.errors import KvbenchError
+from kvbench.reuse.blocks import Namespace
+from kvbench.serve.block_pool import BlockPool
+from kvbench.serve.config import DEFAULT_KV_CACHE_MEMORY, EngineConfig
+
+
+class KVStore:
+    """The K and V tensors of every layer. Slots are rows of the flat `[num_blocks * block_size, kvh, d]`
+    view; zero-filled, so a padded gather never reads NaN from memory nobody wrote."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (num_blocks, block_size, kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.num_slots = num_blocks * block_size
+
+    def flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[layer].flatten(0, 1), self.v[layer].flatten(0, 1)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+@dataclass
+class KV:
+    """A backend: the pool that hands out slots and the store that holds them."""
+
+    backend: str
+    pool: BlockPool
+    store: KVStore
+    max_model_len: int
+
+
+def model_shape(config) -> tuple[int, int, int]:
+    """(layers, kv heads, head dim) of a Llama-style config."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads, head_dim
+
+
+def make_kv(lm, config: EngineConfig) -> KV:
+    """Size and allocate the backend `config` asks for, for model `lm`."""
+    layers, kv_heads, head_dim = model_shape(lm.config)
+    token_bytes = layers * kv_heads * head_dim * 2 * torch.empty((), dtype=lm.dtype).element_size()
+    max_model_len = config.max_model_len or lm.context_window
+    if max_model_len > lm.context_window:
+        raise KvbenchError(f"max_model_len {max_model_len} exceeds the context window of {lm.name} "
+                           f"({lm.context_window} tokens); lower max_model_len")
+    block_size = config.block_size if config.kv_backend == "paged" else max_model_len
+    if config.num_blocks is not None:
+        num_blocks = config.num_blocks
+    else:
+        num_blocks = (config.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY) // (block_size * token_bytes)
+    if num_blocks < 1:
+        raise KvbenchError(f"kv_cache_memory holds no {config.kv_backend} block of {block_size} tokens "
+                           f"({block_size * token_bytes} bytes); raise kv_cache_memory or lower max_model_len")
+    caching = config.enable_prefix_caching and config.kv_backend == "paged"
+    namespace = Namespace(lm.fingerprint, str(lm.dtype).removeprefix("torch."), block_size) if caching else None
+    pool = BlockPool(num_blocks, block_size, token_bytes, namespace)
+    store = KVStore(layers, num_blocks, block_size, kv_heads, head_dim, lm.dtype, lm.device)
+    return KV(config.kv_backend, pool, store, max_model_len)

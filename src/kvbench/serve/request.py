@@ -1,0 +1,96 @@
+"""A request and its life in the engine: tokens, progress, status and timeline."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from kvbench.engine.sampling import SamplingConfig
+from kvbench.errors import KvbenchError
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # queued, or preempted and queued again (its KV freed: it recomputes)
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # an end-of-sequence token
+    LENGTH = "length"  # max_tokens reached
+    ABORT = "abort"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What to generate: up to `max_tokens` tokens, greedy or seeded sampling (one generator per request,
+    seeded as `kvbench.engine.generate` seeds its own, so a sampled request draws the same tokens)."""
+
+    max_tokens: int = 16
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+            raise KvbenchError(f"max_tokens must be a positive whole number, got {self.max_tokens!r}")
+
+
+@dataclass
+class Timeline:
+    """Engine-clock seconds. `arrival_s` is the scheduled arrival, so queueing behind a busy engine
+    loop shows in the delays instead of being hidden (coordinated omission)."""
+
+    arrival_s: float
+    first_scheduled_s: float | None = None
+    first_token_s: float | None = None
+    token_s: list[float] = field(default_factory=list)
+    end_s: float | None = None
+
+
+@dataclass
+class Request:
+    """One request. Its tokens are `prompt_ids + output_ids`; the first `num_computed` of them have KV in
+    the pool, so the next forward computes `tokens[num_computed:]` (one token when decoding, a chunk of
+    the prompt when prefilling, or everything again after a preemption)."""
+
+    request_id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    timeline: Timeline
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    num_cached: int | None = None  # prefix-cache hit tokens at first admission
+    status: Status = Status.WAITING
+    finish_reason: FinishReason | None = None
+    preemptions: int = 0
+    preempted_tokens: int = 0  # KV tokens dropped by preemptions (recomputed unless still prefix-cached)
+    block_keys: list[str] = field(default_factory=list)  # chain keys of its full, computed blocks
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    @property
+    def max_total_tokens(self) -> int:
+        """Tokens whose KV the request may hold: the last generated token is never fed back."""
+        return len(self.prompt_ids) + self.params.max_tokens - 1
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: int
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: FinishReason | None
+    num_output_tokens: int
+    num_cached_tokens: int

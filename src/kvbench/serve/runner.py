@@ -1,0 +1,99 @@
+"""One step's forward: the packed inputs and attention metadata from a plan, the model call, sampling.
+
+Metadata is built from Python lists and block tables turned into tensors once per step (never per
+layer): every layer of the forward reuses the same `StepContext`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvbench.engine import model_runner
+from kvbench.engine.sampling import Sampler
+from kvbench.serve.attention import Chunk, StepContext, paged_attention
+from kvbench.serve.block_pool import BlockPool
+from kvbench.serve.kv import KVStore
+from kvbench.serve.scheduler import Row
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    input_ids: torch.Tensor  # [1, T]
+    positions: torch.Tensor  # [1, T]
+    logits_indices: torch.Tensor  # [E]: the packed row of each emitting request's last token
+    emitting: list[Row]  # in the order of logits_indices
+    ctx: StepContext
+
+
+def context_slots(table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Slots of `positions` in the blocks of `table` (`[..., blocks]`, broadcast over leading dims)."""
+    return table[..., positions // block_size] * block_size + positions % block_size
+
+
+def prepare(rows: list[Row], pool: BlockPool, store: KVStore, device: torch.device) -> StepInputs:
+    """Pack the plan's rows into one `[1, T]` row: single-token rows first (attended together), then chunks."""
+    singles = [r for r in rows if r.n == 1]
+    chunks = [r for r in rows if r.n > 1]
+    ordered = singles + chunks
+    ids, positions, slots, last = [], [], [], []
+    for row in ordered:
+        tokens = row.request.tokens
+        ids.extend(tokens[row.start:row.start + row.n])
+        positions.extend(range(row.start, row.start + row.n))
+        slots.extend(pool.slots(row.request.request_id, row.start, row.start + row.n))
+        last.append(len(ids) - 1)
+    bs = pool.block_size
+    single_index = single_mask = None
+    if singles:
+        lengths = torch.tensor([r.start + 1 for r in singles], device=device)
+        longest = int(max(r.start + 1 for r in singles))
+        width = pool.blocks_for(longest)
+        tables = [pool.tables[r.request.request_id][:width] for r in singles]
+        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device)
+        span = torch.arange(longest, device=device)
+        single_index = context_slots(table, span, bs)  # padding reads block 0's slots, masked out below
+        if any(r.start + 1 < longest for r in singles):
+            single_mask = (span[None] < lengths[:, None])[:, None, None]
+    packed_chunks, q0 = [], len(singles)
+    for row in chunks:
+        end = row.start + row.n
+        table = torch.tensor(pool.tables[row.request.request_id][:pool.blocks_for(end)], device=device)
+        span = torch.arange(end, device=device)
+        mask = None
+        if row.start:
+            mask = span[None] <= torch.arange(row.start, end, device=device)[:, None]
+        packed_chunks.append(Chunk(q0, q0 + row.n, context_slots(table, span, bs), mask))
+        q0 += row.n
+    ctx = StepContext(store, torch.tensor(slots, device=device), len(singles), single_index, single_mask,
+                      tuple(packed_chunks))
+    emitting = [(i, row) for i, row in zip(last, ordered) if row.emits]
+    return StepInputs(
+        input_ids=torch.tensor([ids], device=device),
+        positions=torch.tensor([positions], device=device),
+        logits_indices=torch.tensor([i for i, _ in emitting], dtype=torch.long, device=device),
+        emitting=[row for _, row in emitting],
+        ctx=ctx,
+    )
+
+
+def run_model(model, inputs: StepInputs) -> torch.Tensor:
+    """Logits `[E, vocab]` of the emitting rows."""
+    with paged_attention(model):
+        logits = model_runner.forward_packed(model, inputs.input_ids, inputs.positions, inputs.logits_indices,
+                                             kvbench_ctx=inputs.ctx)
+    return logits[0]
+
+
+def sample(logits: torch.Tensor, rows: list[Row], samplers: dict[int, Sampler]) -> list[int]:
+    """One token per emitting row: greedy rows by one argmax, sampled rows by their request's own
+    seeded generator (so a request draws what it would draw alone)."""
+    if not rows:
+        return []
+    tokens = logits.argmax(dim=-1)
+    for i, row in enumerate(rows):
+        sampler = samplers.get(row.request.request_id)
+        if sampler is not None:
+            tokens[i] = sampler(logits[i:i + 1])[0]
+    return tokens.tolist()
