@@ -236,7 +236,7 @@ def test_load_command_writes_records_summary_and_report(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "| inf | 2 / 3 / 3 |" in report and "http_500" in report and "PARTIAL" not in report
     stdout = capsys.readouterr().out
-    assert "points measured" in stdout
+    assert "load: 2 measurements (points x trials);" in stdout
     assert "\nfailed: rate inf 1 of 3 (http_500 1); rate 50 1 of 3 (http_500 1)\n" in stdout
     for point in (info["points"]["inf"], inf):  # run.json and summary.json
         assert 0 < point["client_cpu_s"] and 0 < point["client_cpu_share"]

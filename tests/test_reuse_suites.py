@@ -101,7 +101,7 @@ def test_reuse_suite_runs_resumes_and_reports(tmp_path, capsys):
     assert all(r["cached_tokens"] == 0 for r in cold)  # cold requests are cold
     assert "Loading against recomputing" in (out / "report.md").read_text()
     assert main(["run", str(suite), "--out", str(out), "--resume", "--no-progress"]) == 0
-    assert "r: 0 points measured, 4 already measured" in capsys.readouterr().out
+    assert "r: 0 measurements (points x trials), 4 already measured" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -364,7 +364,7 @@ def _run(spec: RunSpec, options: RunOptions) -> int:
         print(f"note: {note}")
     report = write_report(options.out)
     resumed = f", {outcome.skipped} already measured" if outcome.skipped else ""
-    print(f"{spec.name}: {outcome.measured} points measured{resumed}; {one_line(options.out)}")
+    print(f"{spec.name}: {outcome.measured} measurements (points x trials){resumed}; {one_line(options.out)}")
     print(f"report: {report}")
     if spec.kind == "load":
         return _check_errors(spec, options.out)
