@@ -474,3 +474,25 @@ def test_a_load_spec_file_runs_through_kvbench_run_and_resume_measures_only_a_cu
     assert sorted((r["point"], r["index"]) for r in records) == [(p, i) for p in ("100", "inf") for i in range(4)]
     info = json.loads((out / "run.json").read_text())
     assert info["kind"] == "load" and info["complete"] and len(info["parts"]) == 2
+
+
+def test_worker_processes_send_every_request_once_from_one_schedule(tmp_path):
+    """--workers 3: the requests are dealt to three processes that share one start time; every request is sent
+    once, each record carries its own scheduled time of the run's one schedule, and this process writes them."""
+    from kvbench.load.spec import LoadSpec
+    from kvbench.load.workers import concurrency_shares
+
+    path, out = conversations(tmp_path, [f"conversation {i}" for i in range(12)]), tmp_path / "out"
+    server = FakeServer()
+    with server as url:
+        assert main(["load", "--url", url, "--workload", str(path), "--request-rate", "200", "--workers", "3",
+                     "--out", str(out), "--no-progress"]) == 0
+    records = read_records(out / "results.jsonl")
+    assert sorted(r["index"] for r in records) == list(range(12)) and all(r["status"] == "ok" for r in records)
+    assert sorted(server.prompts[1:]) == sorted(f"conversation {i}" for i in range(12))  # after the probe
+    schedule = LoadSpec(url=url, request_rates=(200.0,), num_requests=12).schedule(200.0)
+    assert sorted(r["scheduled_s"] for r in records) == schedule
+    assert json.loads((out / "run.json").read_text())["points"]["200"]["client_cpu_s"] > 0
+    assert concurrency_shares(7, 3) == [3, 2, 2] and concurrency_shares(None, 2) == [None, None]
+    assert main(["load", "--url", url, "--workers", "4", "--max-concurrency", "2", "--workload", str(path),
+                 "--out", str(tmp_path / "o2")]) == 2

@@ -136,6 +136,8 @@ def _load_parser(sub) -> None:
     ld.add_argument("--max-error-rate", type=float, default=cfg.max_error_rate,
                     help="exit 1 when the share of failed requests at any rate is above this (e.g. 0.05); the "
                          "records and report are written either way")
+    ld.add_argument("--workers", type=int, default=cfg.workers,
+                    help="client processes sending the requests (for rates one process cannot send on time)")
     ld.add_argument("--seed", type=int, default=cfg.seed)
     ld.add_argument("--out", type=Path, help="output dir (default results/load)")
     ld.add_argument("--resume", action="store_true", help="measure only the rates not yet in OUT/results.jsonl")
@@ -429,7 +431,7 @@ def load_spec_from_flags(args) -> LoadSpec:
         max_concurrency=args.max_concurrency, num_requests=args.num_requests, duration_s=args.duration,
         slo=parse_slo(args.slo) if args.slo else None, seed=args.seed, timeout_s=args.timeout,
         tokenizer=args.tokenizer, ignore_eos=args.ignore_eos, same_prompts_each_rate=args.same_prompts_each_rate,
-        max_error_rate=args.max_error_rate,
+        max_error_rate=args.max_error_rate, workers=args.workers,
     )
 
 

@@ -47,8 +47,10 @@ async def run_load(
     on_record: Callable[[dict], None],
     max_concurrency: int | None = None,
     tokenizer: Tokenizer | None = None,
+    start: float | None = None,
 ) -> None:
-    """Send `requests[i]` at `schedule_s[i]` seconds after the start; returns when every request ended."""
+    """Send `requests[i]` at `schedule_s[i]` seconds after the start (`start`: a `time.perf_counter()` value shared
+    by several worker processes; default now); returns when every request ended."""
     if len(requests) != len(schedule_s):
         raise ValueError(f"{len(requests)} requests but {len(schedule_s)} send times")
     slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
@@ -61,7 +63,7 @@ async def run_load(
         # a full collection scanned it all, one pause of many ms that delayed every send due meanwhile
         # (p99 send lag at 1000 req/s 72 -> 13 ms through the CLI).
         gc.freeze()
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() if start is None else start
 
         async def one(request: Request, at: float) -> None:
             trace = Trace(request, at, t0)

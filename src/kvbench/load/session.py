@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+import resource
 import time
 from dataclasses import replace
 
@@ -19,6 +20,7 @@ from kvbench.bench.environment import describe_host
 from kvbench.bench.runner import Emit, RunOptions
 from kvbench.errors import KvbenchError
 from kvbench.load.loadgen import event_loop, run_async, run_load
+from kvbench.load.workers import run_load_workers
 from kvbench.load.probe import check_server, served_models
 from kvbench.load.prometheus import scrape, server_deltas
 from kvbench.load.spec import LoadSpec, RatePoint
@@ -73,22 +75,29 @@ class LoadSession:
 
         facts = {"planned": len(self.schedules[label]), "prompt_seed": prompt_seed(self.spec, label)}
         with client_cpu(facts):
-            facts["server_metrics"] = run_async(_one_rate(self.spec, self.endpoint, self.requests[label],
-                                                            self.schedules[label], on_record, self.tokenizer))
+            facts["server_metrics"] = _one_rate(self.spec, self.endpoint, self.requests[label], self.schedules[label],
+                                                on_record, self.tokenizer)
         return facts
 
 
 @contextlib.contextmanager
 def client_cpu(point: dict):
-    """Record in `point` the CPU time of this process (every thread: event loop, HTTP, tokenizer) over the block,
-    and the share of one core it used: a client on the server's machine takes that much CPU from the server."""
-    cpu, wall = time.process_time(), time.perf_counter()
+    """Record in `point` the CPU time of this process (every thread: event loop, HTTP, tokenizer) and of its worker
+    processes over the block, and the share of one core it used: a client on the server's machine takes that
+    much CPU from the server."""
+    cpu, wall = _cpu_s(), time.perf_counter()
     try:
         yield
     finally:
-        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        cpu, wall = _cpu_s() - cpu, time.perf_counter() - wall
         point["client_cpu_s"] = cpu
         point["client_cpu_share"] = cpu / wall if wall > 0 else None
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process and of its children that have ended (the load workers, joined)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 def prompt_seed(spec: LoadSpec, label: str) -> int | None:
@@ -164,9 +173,18 @@ async def _prepare(spec: LoadSpec) -> tuple[Endpoint, list[str] | None]:
     return endpoint, models
 
 
-async def _one_rate(spec: LoadSpec, endpoint: Endpoint, requests, schedule, on_record, tokenizer) -> dict:
-    async with httpx.AsyncClient(timeout=httpx.Timeout(30.0)) as client:
-        before = await scrape(client, spec.url)
-        await run_load(endpoint, requests, schedule, on_record, spec.max_concurrency, tokenizer)
-        after = await scrape(client, spec.url) if before is not None else None
+def _one_rate(spec: LoadSpec, endpoint: Endpoint, requests, schedule, on_record, tokenizer) -> dict:
+    """Send one rate's requests (from `spec.workers` processes when more than one) between two scrapes of the
+    server's metrics; returns their deltas."""
+    before = run_async(_scrape(spec.url))
+    if spec.workers > 1:
+        run_load_workers(endpoint, requests, schedule, on_record, spec.max_concurrency, tokenizer, spec.workers)
+    else:
+        run_async(run_load(endpoint, requests, schedule, on_record, spec.max_concurrency, tokenizer))
+    after = run_async(_scrape(spec.url)) if before is not None else None
     return server_deltas(before, after)
+
+
+async def _scrape(url: str):
+    async with httpx.AsyncClient(timeout=httpx.Timeout(30.0)) as client:
+        return await scrape(client, url)

@@ -61,6 +61,7 @@ class LoadSpec(RunSpec):
     # False: each rate sends its own prompts, so a server's prefix cache is not warm from the rates before
     same_prompts_each_rate: bool = False
     max_error_rate: float | None = None  # above it at any rate, the command exits 1 (the records are kept)
+    workers: int = 1  # client processes sending the requests (kvbench.load.workers), for rates one cannot hold
 
     def __post_init__(self):
         super().__post_init__()
@@ -81,6 +82,11 @@ class LoadSpec(RunSpec):
             raise KvbenchError(f"--num-requests must be >= 1, got {self.num_requests}")
         if self.max_concurrency is not None and self.max_concurrency < 1:
             raise KvbenchError(f"--max-concurrency must be >= 1, got {self.max_concurrency}")
+        if self.workers < 1:
+            raise KvbenchError(f"--workers must be >= 1, got {self.workers}")
+        if self.max_concurrency is not None and self.workers > self.max_concurrency:
+            raise KvbenchError(f"--workers {self.workers} is more than --max-concurrency {self.max_concurrency}; each "
+                               "worker needs at least one request in flight")
         if self.timeout_s <= 0:
             raise KvbenchError(f"--timeout must be > 0 seconds, got {self.timeout_s}")
         if self.max_error_rate is not None and not 0 <= self.max_error_rate <= 1:
