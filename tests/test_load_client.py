@@ -422,12 +422,14 @@ def test_a_server_that_does_not_stream_is_refused(tmp_path, capsys):
     assert "answered a streaming request without streaming" in capsys.readouterr().err
 
 
-def test_ctrl_c_keeps_the_measured_requests_and_marks_the_report_partial(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ctrl_c_keeps_the_measured_requests_and_marks_the_report_partial(tmp_path, workers):
     path = conversations(tmp_path, ["quick"] * 3 + ["slow [[fault:stall]]"] * 3)
     out = tmp_path / "out"
     with FakeServer(FakeConfig(stall_s=30.0)) as url:
         proc = subprocess.Popen([sys.executable, "-m", "kvbench.cli", "load", "--url", url, "--workload", str(path),
-                                 "--out", str(out), "--no-progress"], stderr=subprocess.PIPE, text=True,
+                                 "--out", str(out), "--no-progress", "--workers", str(workers)],
+                                stderr=subprocess.PIPE, text=True,
                                 # a shell's background job inherits SIGINT ignored; Ctrl-C needs the default
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:

@@ -4,15 +4,18 @@ Requests are dealt round-robin to `workers` spawned processes (spawned, not fork
 writer thread). Each runs the same open-loop scheduler (`run_load`) on its share from one common start
 time: `time.perf_counter` reads the system's monotonic clock, the same in every process on Linux and
 macOS, so every record's times are on one clock. Records come back over a queue and this process writes
-them. `max_concurrency` is split between the workers. Ctrl-C reaches every worker (one process group):
-each records its unfinished requests as `interrupted`, as a single client does, before the interrupt
-is raised here.
+them. `max_concurrency` is split between the workers. The workers ignore Ctrl-C; this process stops
+them (SIGTERM), and each records its unfinished requests as `interrupted`, as a single client does,
+before the interrupt is raised here.
 """
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
+import os
 import queue
+import signal
 import time
 from collections.abc import Callable
 
@@ -52,6 +55,9 @@ def run_load_workers(endpoint: Endpoint, requests: list[Request], schedule_s: li
         go.set()
         _drain(records, on_record, len(procs))
     except KeyboardInterrupt:
+        for proc in procs:
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGTERM)
         _drain(records, on_record, len(procs), timeout_s=30.0)  # the workers record what they had in flight
         raise
     finally:
@@ -76,12 +82,19 @@ def _drain(records, on_record: Callable[[dict], None], workers: int, timeout_s: 
 
 
 def _worker(endpoint, requests, schedule_s, max_concurrency, tokenizer, records, ready, go, start) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's; it stops this worker with SIGTERM
     ready.release()
     go.wait()
     try:
-        run_async(run_load(endpoint, requests, schedule_s, records.put, max_concurrency, tokenizer,
-                           start=start.value))
-    except KeyboardInterrupt:
+        run_async(_until_terminated(run_load(endpoint, requests, schedule_s, records.put, max_concurrency, tokenizer,
+                                             start=start.value)))
+    except asyncio.CancelledError:
         pass  # run_load has recorded every request it had started
     finally:
         records.put(None)
+
+
+async def _until_terminated(coro) -> None:
+    """Run `coro`, cancelled by SIGTERM (run_load then records what it had in flight)."""
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
+    await coro
