@@ -478,12 +478,22 @@ def test_a_load_spec_file_runs_through_kvbench_run_and_resume_measures_only_a_cu
     assert info["kind"] == "load" and info["complete"] and len(info["parts"]) == 2
 
 
-def test_worker_processes_send_every_request_once_from_one_schedule(tmp_path):
+def test_worker_processes_send_every_request_once_from_one_schedule(tmp_path, monkeypatch):
     """--workers 3: the requests are dealt to three processes that share one start time; every request is sent
     once, each record carries its own scheduled time of the run's one schedule, and this process writes them."""
     from kvbench.load.spec import LoadSpec
     from kvbench.load.workers import concurrency_shares
 
+    from kvbench.load import workers
+
+    spawned, process = [], workers.multiprocessing.get_context("spawn").Process
+    start = process.start
+
+    def counted_start(self):
+        spawned.append(self)
+        start(self)
+
+    monkeypatch.setattr(process, "start", counted_start)
     path, out = conversations(tmp_path, [f"conversation {i}" for i in range(12)]), tmp_path / "out"
     server = FakeServer()
     with server as url:
@@ -491,6 +501,7 @@ def test_worker_processes_send_every_request_once_from_one_schedule(tmp_path):
                      "--out", str(out), "--no-progress"]) == 0
     records = read_records(out / "results.jsonl")
     assert sorted(r["index"] for r in records) == list(range(12)) and all(r["status"] == "ok" for r in records)
+    assert len(spawned) == 3 and all(p.exitcode == 0 for p in spawned)  # the workers sent them, not this process
     assert sorted(server.prompts[1:]) == sorted(f"conversation {i}" for i in range(12))  # after the probe
     schedule = LoadSpec(url=url, request_rates=(200.0,), num_requests=12).schedule(200.0)
     assert sorted(r["scheduled_s"] for r in records) == schedule

@@ -78,7 +78,7 @@ def test_random_load_succeeds_and_counts_match_the_server(llama_server, tmp_path
     config = LoadSpec(url=llama_server, model=MODEL, workload=WorkloadSpec(prompt_tokens=48, output_tokens=12),
                         request_rates=(4.0,), num_requests=6, tokenizer="smollm2-135m", timeout_s=120)
     outcome = run(config, RunOptions(out=out, progress=False))
-    assert outcome.complete and outcome.measured == 1
+    assert outcome.measured == 1
     assert json.loads((out / "run.json").read_text())["complete"]
     records = read_records(out / "results.jsonl")
     assert [r["status"] for r in records] == ["ok"] * 6

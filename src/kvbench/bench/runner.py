@@ -48,7 +48,6 @@ class RunOutcome:
     measured: int  # (point, trial) pairs measured by this call
     skipped: int  # already measured by an earlier part
     notes: tuple[str, ...]
-    complete: bool
 
 
 class Session(Protocol):
@@ -144,7 +143,7 @@ def _run(spec: RunSpec, options: RunOptions, session: Session, out: Path) -> Run
         bar.close()
         info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         save()
-    return RunOutcome(out, len(todo), spec.trials * len(points) - len(todo), tuple(notes), complete=True)
+    return RunOutcome(out, len(todo), spec.trials * len(points) - len(todo), tuple(notes))
 
 
 def drop_cut(path: Path, records: list[dict], sizes: dict[str, int]) -> list[dict]:
