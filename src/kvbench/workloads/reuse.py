@@ -10,6 +10,8 @@ makes it in practice. Request 0 of a sequence is the cold one.
 - `code`: ~800 tokens of Python standard-library source, then a question about it.
 - `few-shot`: a fixed set of labelled examples, then a new text to classify.
 - `break-even-N`: an N-token document then a short question (loading from a tier against recomputing).
+- `interior-<kind>-N`: an N-token document of prose, records, code or several documents (rag) after a
+  different one-line system prompt, with a checkable question (`kvbench.workloads.interior`).
 
 A request is `shared_prefix` when it begins with the same SHARED_PREFIX_TOKENS or more ids as an earlier
 one (`prefix_id`: that request); rag-interior's requests share a document, but after different
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from kvbench.errors import KvbenchError
+from kvbench.workloads import interior
 from kvbench.workloads.corpus import Corpus
 from kvbench.workloads.request import Request, common_prefix
 from kvbench.workloads.tokenizer import Tokenizer
@@ -39,21 +42,28 @@ def check_name(name: str) -> None:
     if name in FIXED:
         return
     base, _, size = name.rpartition("-")
-    if base in SIZED and size.isdigit() and int(size) > 0:
+    sized = base in SIZED or (base.startswith("interior-") and interior.check_kind(base.removeprefix("interior-")))
+    if sized and size.isdigit() and int(size) > 0:
         return
     raise KvbenchError(
-        f"unknown reuse workload {name!r}; valid: {', '.join(FIXED)}, or {', '.join(s + '-N' for s in SIZED)} "
-        "with N a token count (rag-prefix-2000)"
+        f"unknown reuse workload {name!r}; valid: {', '.join(FIXED)}, or {', '.join(s + '-N' for s in SIZED)}, "
+        f"interior-{{{','.join(interior.KINDS)}}}-N with N a token count (rag-prefix-2000)"
     )
 
 
 def build(spec: WorkloadSpec, tok: Tokenizer, count: int) -> list[Request]:
-    ids = sequence(spec.kind.removeprefix("reuse:"), Corpus(tok, spec.seed), count)
+    name, corpus = spec.kind.removeprefix("reuse:"), Corpus(tok, spec.seed)
+    check_name(name)
+    if name.startswith("interior-"):
+        kind, size = name.removeprefix("interior-").rsplit("-", 1)
+        ids = [(r, None, answers) for r, answers in interior.sequence(kind, int(size), corpus, count)]
+    else:
+        ids = [(r, turn, ()) for r, turn in sequence(name, corpus, count)]
     requests = []
-    for i, (r, turn) in enumerate(ids):
+    for i, (r, turn, answers) in enumerate(ids):
         first = next(j for j in range(i + 1) if j == i or common_prefix(ids[j][0], r) >= SHARED_PREFIX_TOKENS)
         requests.append(Request(i, None, spec.output_tokens, ids=r, prefix_id=first, shared_prefix=first < i,
-                                turn=turn))
+                                turn=turn, answers=answers))
     return requests
 
 
