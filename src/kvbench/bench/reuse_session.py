@@ -22,13 +22,15 @@ import numpy as np
 from kvbench.bench import preflight
 from kvbench.bench.environment import describe
 from kvbench.bench.metrics import request_timing
-from kvbench.bench.reuse_spec import STREAMS, ReusePoint, ReuseSuiteSpec, TrafficSuiteSpec, parse_mode
+from kvbench.bench.quality import distribution_agreement, greedy_agreement
+from kvbench.bench.reuse_spec import STREAMS, ReusePoint, ReuseSuiteSpec, TrafficSuiteSpec, mode_budgets, parse_mode
 from kvbench.bench.runner import Emit, RunOptions
 from kvbench.bench.suite import Point, StrategyRef
 from kvbench.device import resolve_device
 from kvbench.engine import GenerationConfig, GenerationResult, generate
 from kvbench.engine.generate import check_prompts
 from kvbench.engine.prefill import prefill_floor_ms
+from kvbench.engine.teacher import teacher_forced_logprobs
 from kvbench.models import LoadedModel, load_model
 from kvbench.reuse import ReuseCache, ReuseConfig
 from kvbench.strategies import build_strategy
@@ -130,7 +132,7 @@ def _base_record(spec, lm: LoadedModel, point: ReusePoint, trial: int, index: in
     reuse_mode, recompute = parse_mode(point.mode)
     reuse = result.reuse
     return {
-        "suite": spec.name, "point": point.key, "workload": point.workload, "reuse_mode": reuse_mode,
+        "suite": spec.name, "point": point.key, "workload": point.workload, "mode": point.mode, "reuse_mode": reuse_mode,
         "recompute": recompute, "tier": point.tier, "trial": trial, "warmup": False, "request_index": index,
         "model": lm.name, "model_fingerprint": lm.fingerprint, "device": str(lm.device),
         "dtype": str(lm.dtype).removeprefix("torch."), "prompt_tokens": len(ids),
@@ -151,18 +153,23 @@ def _base_record(spec, lm: LoadedModel, point: ReusePoint, trial: int, index: in
 
 def _cache(lm, spec, mode: str, disk_dir: str | None, **extra) -> ReuseCache:
     reuse_mode, recompute = parse_mode(mode)
+    budgets = {k: getattr(spec, k) for k in ("selective_tokens", "blend_fraction") if hasattr(spec, k)}
     return ReuseCache(lm, ReuseConfig(
         mode=reuse_mode, recompute=recompute or "none", block_size=spec.block_size, disk_dir=disk_dir,
-        **{k: getattr(spec, k) for k in ("selective_tokens", "blend_fraction") if hasattr(spec, k)}, **extra,
+        **{**budgets, **mode_budgets(mode)}, **extra,
     ))
 
 
 class ReuseSession(_SequenceSession):
-    """Mode `none` of a workload is measured before its reuse modes: it is the reference for greedy match."""
+    """Mode `none` of a workload is measured before its reuse modes: it is the reference for greedy and
+    teacher-forced agreement. A reuse request's teacher-forced pass runs just before it (untimed), against the
+    store as the request finds it (afterwards the store holds the request's own blocks, exact hits)."""
 
     def _start(self, measured: list[dict]) -> None:
         self.references = {(r["workload"], r["trial"], r["request_index"]): r["output_ids"]
                            for r in measured if r["reuse_mode"] == "none"}
+        self.reference_logprobs: dict[tuple, object] = {}
+        self.tok = for_model(self.lm)
         self.dynamic = build_strategy("dynamic")
         self.config = GenerationConfig(max_new_tokens=self.spec.output_tokens, stop_at_eos=False)
 
@@ -174,7 +181,7 @@ class ReuseSession(_SequenceSession):
     def _sequence(self, point: ReusePoint, trial: int) -> list[dict]:
         requests = self.requests(point, trial)
         if point.mode == "none":
-            return [self._record(point, trial, i, r, generate(self.lm, self.dynamic, [r.ids], self.config))
+            return [self._record(point, trial, i, r, generate(self.lm, self.dynamic, [r.ids], self.config), None)
                     for i, r in enumerate(requests)]
         with disk_tier_dir() as disk_dir:
             cache = _cache(self.lm, self.spec, point.mode, disk_dir if point.tier == "disk" else None)
@@ -182,22 +189,48 @@ class ReuseSession(_SequenceSession):
             for i, request in enumerate(requests):
                 if point.tier == "disk":
                     cache.clear_ram()  # every hit then comes from disk
+                candidate = self._teacher_forced((point.workload, trial, i), request, cache)
                 result = generate(self.lm, self.dynamic, [request.ids], self.config, reuse=cache)
-                record = self._record(point, trial, i, request, result)
+                record = self._record(point, trial, i, request, result, candidate)
                 if point.mode == "prefix" and result.reuse.cached_tokens:
                     record["floor_ms"] = prefill_floor_ms(self.lm, request.ids, result.reuse.cached_tokens)
                 records.append(record)
             return records
 
-    def _record(self, point, trial, index, request, result) -> dict:
+    def _teacher_forced(self, key: tuple, request: Request, source: ReuseCache | None):
+        """Log-probabilities over no reuse's greedy output, prefilled from `source` (None: no reuse, the
+        reference itself, kept for the reuse modes); None without `teacher_forced` or a reference."""
+        reference = self.references.get(key)
+        if not self.spec.teacher_forced or reference is None:
+            return None
+        if source is not None:
+            return teacher_forced_logprobs(self.lm, self.dynamic, request.ids, reference, source)
+        if key not in self.reference_logprobs:
+            self.reference_logprobs[key] = teacher_forced_logprobs(self.lm, self.dynamic, request.ids, reference)
+        return self.reference_logprobs[key]
+
+    def _record(self, point, trial, index, request, result, candidate) -> dict:
         record = _base_record(self.spec, self.lm, point, trial, index, request.ids, result)
         key = (point.workload, trial, index)
         if point.mode == "none":
             self.references[key] = result.tokens[0]
+            candidate = self._teacher_forced(key, request, None)
         reference = self.references.get(key)
+        agreement = None if reference is None else greedy_agreement(reference, result.tokens[0])
+        text = self.tok.decode(result.tokens[0], skip_special_tokens=True)
         record.update(turn=request.turn, floor_ms=None,
-                      greedy_match=None if reference is None else result.tokens[0] == reference)
+                      greedy_match=None if reference is None else result.tokens[0] == reference,
+                      greedy_agreement=agreement and agreement.fraction,
+                      first_divergence=agreement and agreement.first_divergence,
+                      accuracy=request.score(text) if request.answers else None, output_text=text,
+                      **self._distribution(key, request, candidate))
         return record
+
+    def _distribution(self, key: tuple, request: Request, candidate) -> dict:
+        if candidate is None:
+            return {"top1_agreement": None, "kl_mean": None}
+        agreement = distribution_agreement(self._teacher_forced(key, request, None), candidate)
+        return {"top1_agreement": agreement.top1_agreement, "kl_mean": agreement.kl_mean}
 
 
 def stream_order(s: TrafficSuiteSpec, stream: str, trial: int) -> list[int]:

@@ -2,8 +2,10 @@
 
 `reuse`: workloads x modes, each a sequence of requests that re-send the same context; request 0 is
 cold. Modes: `none` (no reuse, the reference for greedy match and cold TTFT), `prefix`, and
-`chunk:<recompute>` with recompute `none`, `selective` or `cacheblend`. `break_even` lengths add
-`break-even-N` sequences measured from each of `tiers` (ram, disk).
+`chunk:<recompute>` with recompute `none`, `selective` or `cacheblend`, optionally with its budget after it
+(`chunk:selective:tokens=128`, `chunk:cacheblend:fraction=0.3:layer=2`; default: the spec's). With
+`teacher_forced`, every request also gets teacher-forced top-1 agreement and KL against no reuse (untimed).
+`break_even` lengths add `break-even-N` sequences measured from each of `tiers` (ram, disk).
 
 `traffic`: request streams (uniform, Zipf, temporal locality) over a pool of documents, with a RAM
 tier too small for the whole pool, so hit rate and memory move with the stream.
@@ -25,16 +27,37 @@ TIERS = ("ram", "disk")
 STREAMS = ("uniform", "zipf", "temporal")
 
 
+_BUDGETS = {"tokens": ("selective_tokens", int), "fraction": ("blend_fraction", float), "layer": ("probe_layer", int)}
+
+
 def parse_mode(mode: str) -> tuple[str, str | None]:
-    """`none` | `prefix` | `chunk:<recompute>` -> (reuse_mode, recompute)."""
-    base, _, recompute = mode.partition(":")
-    if base in ("none", "prefix") and not recompute:
+    """`none` | `prefix` | `chunk:<recompute>[:budget=value...]` -> (reuse_mode, recompute)."""
+    base, _, rest = mode.partition(":")
+    recompute = rest.split(":")[0]
+    if base in ("none", "prefix") and not rest:
         return base, None
     if base == "chunk" and recompute in RECOMPUTE:
+        mode_budgets(mode)
         return base, recompute
     raise KvbenchError(
-        f"unknown reuse mode {mode!r}; valid: none, prefix, {', '.join('chunk:' + r for r in RECOMPUTE)}"
+        f"unknown reuse mode {mode!r}; valid: none, prefix, {', '.join('chunk:' + r for r in RECOMPUTE)}, "
+        f"each chunk mode optionally with {', '.join(k + '=' for k in _BUDGETS)} (chunk:selective:tokens=64)"
     )
+
+
+def mode_budgets(mode: str) -> dict:
+    """The ReuseConfig fields a mode sets: `chunk:cacheblend:fraction=0.3:layer=2` -> blend_fraction, probe_layer."""
+    out = {}
+    for item in mode.split(":")[2:]:
+        key, _, value = item.partition("=")
+        if key not in _BUDGETS:
+            raise KvbenchError(f"unknown recompute budget {key!r} in reuse mode {mode!r}; valid: {', '.join(_BUDGETS)}")
+        field, kind = _BUDGETS[key]
+        try:
+            out[field] = kind(value)
+        except ValueError:
+            raise KvbenchError(f"{key} in reuse mode {mode!r} must be a number, got {value!r}") from None
+    return out
 
 
 @dataclass(frozen=True)
@@ -82,6 +105,7 @@ class ReuseSuiteSpec(_ReuseSpecBase):
     output_tokens: int = 32
     selective_tokens: int = 32
     blend_fraction: float = 0.15
+    teacher_forced: bool = False  # teacher-forced top-1 and KL against no reuse per request (untimed)
     break_even: tuple[int, ...] = ()  # document lengths for the tier break-even sequences
     tiers: tuple[str, ...] = ("ram", "disk")
 
@@ -101,8 +125,9 @@ class ReuseSuiteSpec(_ReuseSpecBase):
             raise KvbenchError("requests and turns must be >= 2: one cold request and at least one warm one")
         if len(set(self.modes)) != len(self.modes) or len(set(self.workloads)) != len(self.workloads):
             raise KvbenchError("modes and workloads must not repeat")
-        ReuseConfig(block_size=self.block_size, selective_tokens=self.selective_tokens,
-                    blend_fraction=self.blend_fraction)  # checks them now, before a model loads
+        for m in self.modes:  # checks the budgets now, before a model loads
+            ReuseConfig(block_size=self.block_size, **{"selective_tokens": self.selective_tokens,
+                                                       "blend_fraction": self.blend_fraction, **mode_budgets(m)})
         if any(n < 1 for n in self.break_even):
             raise KvbenchError(f"break_even lengths must be positive, got {list(self.break_even)}")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kvbench.engine.generate import check_prompts
+from kvbench.engine.generate import PrefillSource, check_prompts
 from kvbench.engine.model_runner import forward
 from kvbench.models import LoadedModel
 from kvbench.strategies.base import CacheStrategy
@@ -17,11 +17,13 @@ from kvbench.strategies.base import CacheStrategy
 
 @torch.inference_mode()
 def teacher_forced_logprobs(
-    lm: LoadedModel, strategy: CacheStrategy, prompt: list[int], continuation: list[int]
+    lm: LoadedModel, strategy: CacheStrategy, prompt: list[int], continuation: list[int],
+    source: PrefillSource | None = None,
 ) -> torch.Tensor:
     """Log-probabilities [len(continuation), vocab] (float32, on CPU) of the token after each prefix.
 
     Row i is the distribution over the token at continuation[i], given prompt + continuation[:i].
+    With `source` (a reuse cache), the prompt is prefilled from it as a generation would be; nothing is stored.
     """
     check_prompts(lm, [prompt], max(1, len(continuation)))
     device, model = lm.device, lm.model
@@ -30,7 +32,10 @@ def teacher_forced_logprobs(
     ids = torch.tensor([prompt], device=device)
     rows = []
     with strategy.attach(lm, cache):
-        rows.append(forward(model, ids, cache=cache if uses_cache else None)[:, -1])
+        if source is None:
+            rows.append(forward(model, ids, cache=cache if uses_cache else None)[:, -1])
+        else:
+            rows.append(source.prefill(cache, prompt)[0])
         for position, token in enumerate(continuation[:-1], start=len(prompt)):
             step = torch.tensor([[token]], device=device)
             if uses_cache:
