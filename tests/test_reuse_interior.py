@@ -82,8 +82,9 @@ def test_quality_fields_are_measured_against_no_reuse(tmp_path, tiny_text):
 
     spec, records = _interior_run(tmp_path, tiny, ["none", "chunk:none"])
     none = [r for r in records if r["mode"] == "none"]
-    assert all(r["greedy_agreement"] == 1.0 and r["first_divergence"] is None and r["top1_agreement"] == 1.0
-               and r["kl_mean"] == 0.0 and r["accuracy"] in (0.0, 1.0) for r in none)
+    assert all(r["greedy_agreement"] == 1.0 and r["first_divergence"] is None and r["accuracy"] in (0.0, 1.0)
+               for r in none)
+    assert [(r["top1_agreement"], r["kl_mean"]) for r in none] == [(None, None), (1.0, 0.0)]  # warm requests only
     warm = next(r for r in records if r["mode"] == "chunk:none" and r["request_index"] == 1)
     assert warm["cached_tokens"] > 100 and warm["exact_tokens"] == 0
     # the same numbers, computed here from scratch: a fresh cache warmed by request 0, then request 1

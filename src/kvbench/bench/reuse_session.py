@@ -199,9 +199,10 @@ class ReuseSession(_SequenceSession):
 
     def _teacher_forced(self, key: tuple, request: Request, source: ReuseCache | None):
         """Log-probabilities over no reuse's greedy output, prefilled from `source` (None: no reuse, the
-        reference itself, kept for the reuse modes); None without `teacher_forced` or a reference."""
+        reference itself, kept for the reuse modes); None without `teacher_forced` or a reference, and for the
+        cold request 0 (nothing is reused there; the report's quality covers warm requests)."""
         reference = self.references.get(key)
-        if not self.spec.teacher_forced or reference is None:
+        if not self.spec.teacher_forced or reference is None or key[2] == 0:
             return None
         if source is not None:
             return teacher_forced_logprobs(self.lm, self.dynamic, request.ids, reference, source)
