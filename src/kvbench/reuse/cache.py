@@ -26,7 +26,10 @@ GiB = 1 << 30
 @dataclass(frozen=True)
 class ReuseConfig:
     mode: str = "prefix"  # `prefix`: exact prefix hits only; `chunk`: also the same tokens anywhere
-    recompute: str = "selective"  # chunk hits: none | selective | cacheblend
+    # chunk hits: none | selective | cacheblend. `none`: on the interior-reuse benchmark (benchmarks/RESULTS.md,
+    # reuse-interior) recomputing the first 32 tokens of each run gained no quality (the same top-1 on three document
+    # kinds, lower on rag) and cost 100-300 ms (rag: 3.7x instead of 5.1x): the K/V drift all over the document
+    recompute: str = "none"
     block_size: int = 64
     selective_tokens: int = 32
     blend_fraction: float = 0.15
