@@ -40,11 +40,11 @@ POLICIES = {
 
 
 def workload(args, vocab: int) -> list[tuple[list[int], int]]:
-    """(prompt, max_tokens) per request."""
+    """(prompt, max_tokens) per request; the lengths are drawn first, so they do not depend on the vocabulary."""
     rng = random.Random(args.seed)
-    return [([rng.randrange(vocab) for _ in range(args.prompt_tokens)],
-             rng.randint(args.min_output, args.output_tokens) if args.experiment == "batching" else args.output_tokens)
-            for _ in range(args.requests)]
+    lengths = [rng.randint(args.min_output, args.output_tokens) if args.experiment == "batching" else args.output_tokens
+               for _ in range(args.requests)]
+    return [([rng.randrange(vocab) for _ in range(args.prompt_tokens)], n) for n in lengths]
 
 
 def serve(lm, config: EngineConfig, requests: list[tuple[list[int], int]]) -> dict:
