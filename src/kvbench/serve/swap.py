@@ -31,9 +31,6 @@ class HostTier:
     def fits(self, num_blocks: int) -> bool:
         return self.budget is None or self.bytes_held + num_blocks * self.block_bytes <= self.budget
 
-    def holds(self, request_id: int) -> bool:
-        return request_id in self._held
-
     def swap_out(self, request_id: int, blocks: list[int]) -> int:
         """Copy `blocks` of every layer to the host for `request_id`; the bytes moved."""
         assert self.fits(len(blocks)) and request_id not in self._held
