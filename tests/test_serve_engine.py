@@ -82,17 +82,21 @@ def test_engine_tokens_equal_generate(tiny, checked_slots, budget, block_size, c
         assert sum(r.num_cached for r in requests) > 0  # the shared prefix was hit
 
 
-@pytest.mark.parametrize("admission", ["optimistic", "reserve"])
+@pytest.mark.parametrize("admission,preemption", [("optimistic", "recompute"), ("optimistic", "swap"),
+                                                  ("reserve", "recompute")])
 @pytest.mark.parametrize("chunked", [True, False])
-def test_a_small_pool_preempts_or_reserves_and_tokens_still_equal(tiny, checked_slots, admission, chunked):
+def test_a_small_pool_preempts_or_reserves_and_tokens_still_equal(tiny, checked_slots, admission, preemption,
+                                                                   chunked):
     prompts = _prompts(seed=1)
     config = EngineConfig(block_size=4, num_blocks=30, max_num_batched_tokens=64, admission=admission,
-                          chunked_prefill=chunked, watermark=0.0)
+                          chunked_prefill=chunked, watermark=0.0, preemption=preemption)
     engine, requests = _serve(tiny, config, prompts, seed=1)
     for prompt, request in zip(prompts, requests):
         assert request.output_ids == _reference(tiny, prompt)
     preemptions = sum(r.preemptions for r in requests)
     assert preemptions > 0 if admission == "optimistic" else preemptions == 0
+    swaps, recomputed = sum(r.swaps for r in requests), sum(r.preempted_tokens for r in requests)
+    assert (swaps, recomputed > 0) == ((preemptions, False) if preemption == "swap" else (0, preemptions > 0))
     assert max(s.blocks_used + s.blocks_promised for s in engine.step_log) <= 30
 
 

@@ -8,6 +8,8 @@ from kvbench.errors import KvbenchError
 
 KV_BACKENDS = ("paged", "contiguous")
 ADMISSIONS = ("optimistic", "reserve")
+PREEMPTIONS = ("recompute", "swap")
+BATCHINGS = ("continuous", "static")
 DEFAULT_KV_CACHE_MEMORY = 256 * 2**20  # bytes; stands in for "GPU memory left for KV" on a CPU
 
 
@@ -21,6 +23,12 @@ class EngineConfig:
     admission: `optimistic` admits with blocks for the next chunk plus a `watermark` fraction of the
     pool kept free, and preempts the newest request (recompute) when a running one cannot grow;
     `reserve` admits only when prompt + max_tokens fit, and never preempts.
+    preemption: `recompute` (the preempted request's blocks are released and its KV computed again) or
+    `swap` (its blocks are copied to a host tier of `swap_space` bytes, None = unlimited, and copied
+    back when it resumes; when the tier is full that request is recomputed instead).
+    batching: `continuous` (requests join and leave the running batch at every step) or `static` (a
+    new batch of up to `max_num_seqs` is admitted only when none is running, and runs until its
+    longest request ends: static batching without the padding compute, so it flatters static slightly).
     """
 
     kv_backend: str = "paged"
@@ -33,14 +41,19 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     admission: str = "optimistic"
     watermark: float = 0.01
+    preemption: str = "recompute"
+    swap_space: int | None = None  # bytes of host tier for swap preemption; None: unlimited
+    batching: str = "continuous"
     max_model_len: int | None = None  # default: the model's context window
 
     def __post_init__(self):
         _one_of("kv_backend", self.kv_backend, KV_BACKENDS)
         _one_of("admission", self.admission, ADMISSIONS)
+        _one_of("preemption", self.preemption, PREEMPTIONS)
+        _one_of("batching", self.batching, BATCHINGS)
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             _positive(name, getattr(self, name))
-        for name in ("kv_cache_memory", "num_blocks", "max_model_len"):
+        for name in ("kv_cache_memory", "num_blocks", "max_model_len", "swap_space"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
         if not 0 <= self.watermark < 1:

@@ -23,6 +23,7 @@ from kvbench.serve.config import EngineConfig
 from kvbench.serve.kv import make_kv
 from kvbench.serve.request import FinishReason, Request, RequestOutput, SamplingParams, Status, Timeline
 from kvbench.serve.scheduler import Scheduler, StepPlan
+from kvbench.serve.swap import HostTier
 
 
 @dataclass(frozen=True)
@@ -38,13 +39,16 @@ class StepStats:
     num_waiting: int
     prefill_tokens: int  # prompt chunks and recomputation after preemption
     decode_tokens: int
-    preempted: int
+    preempted: int  # by recompute or swap
     blocks_used: int
     blocks_cached: int
     blocks_free: int
     blocks_promised: int
     kv_bytes_used: int
     kv_bytes_reserved: int
+    swapped_out: int  # requests
+    swapped_in: int
+    bytes_swapped: int  # out and in (host-to-host on a CPU: exact bytes, time not representative)
 
     @property
     def step_ms(self) -> float:
@@ -58,7 +62,8 @@ class Engine:
         check_servable(lm)
         self.lm, self.config = lm, config
         self.kv = make_kv(lm, config)
-        self.scheduler = Scheduler(config, self.kv.pool, self.kv.max_model_len)
+        self.host = HostTier(self.kv.store, config.swap_space) if config.preemption == "swap" else None
+        self.scheduler = Scheduler(config, self.kv.pool, self.kv.max_model_len, self.host)
         self.requests: dict[int, Request] = {}
         self.step_log: list[StepStats] = []
         self._arrivals: list[Request] = []  # added, not yet arrived (engine clock); sorted by arrival
@@ -165,4 +170,5 @@ class Engine:
         self.step_log.append(StepStats(
             len(self.step_log), t[-1], *ms, len(self.scheduler.running), len(self.scheduler.waiting),
             plan.num_tokens - decode, decode, len(plan.preempted), usage.used, usage.cached, usage.free,
-            usage.promised, usage.bytes_used, usage.bytes_reserved))
+            usage.promised, usage.bytes_used, usage.bytes_reserved, len(plan.swapped_out), len(plan.swapped_in),
+            plan.bytes_swapped))

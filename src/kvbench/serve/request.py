@@ -12,6 +12,7 @@ from kvbench.errors import KvbenchError
 class Status(enum.Enum):
     WAITING = "waiting"  # queued, or preempted and queued again (its KV freed: it recomputes)
     RUNNING = "running"
+    SWAPPED = "swapped"  # preempted with its KV copied to the host tier; resumes before waiting requests
     FINISHED = "finished"
 
 
@@ -62,8 +63,11 @@ class Request:
     num_cached: int | None = None  # prefix-cache hit tokens at first admission
     status: Status = Status.WAITING
     finish_reason: FinishReason | None = None
-    preemptions: int = 0
-    preempted_tokens: int = 0  # KV tokens dropped by preemptions (recomputed unless still prefix-cached)
+    preemptions: int = 0  # by recompute or swap
+    preempted_tokens: int = 0  # KV tokens dropped by recompute preemptions (recomputed unless still prefix-cached)
+    swaps: int = 0  # preemptions by swap
+    swap_refused: int = 0  # swap preemptions recomputed instead, the host tier being full
+    bytes_swapped: int = 0  # out and back in
     block_keys: list[str] = field(default_factory=list)  # chain keys of its full, computed blocks
 
     @property

@@ -11,6 +11,14 @@ Admission:
   are released (full ones stay cached, so its prefix is usually a hit again) and it waits at the front
   of the queue to be recomputed.
 - `reserve` (TensorRT-LLM's GUARANTEED_NO_EVICT): admitted only when prompt + max_tokens fit; never preempts.
+
+Preemption by `swap` copies the victim's blocks to the host tier instead (`swap.HostTier`; recompute
+when the tier is full) and releases them. Swapped requests resume first, before any waiting request is
+admitted, when the pool holds their KV again (plus the watermark beside running requests); nothing is
+recomputed. As with recompute, nothing resumes or is admitted in a step that preempted.
+
+Batching `static` admits a new batch only when no request runs; a batch whose prompts overran one
+step's token budget keeps filling in the next steps, up to `max_num_seqs`.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from kvbench.errors import KvbenchError
 from kvbench.serve.block_pool import BlockPool
 from kvbench.serve.config import EngineConfig
 from kvbench.serve.request import Request, Status
+from kvbench.serve.swap import HostTier
 
 
 @dataclass(frozen=True)
@@ -41,7 +50,10 @@ class Row:
 @dataclass
 class StepPlan:
     rows: list[Row] = field(default_factory=list)
-    preempted: list[Request] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)  # by recompute or swap
+    swapped_out: list[Request] = field(default_factory=list)
+    swapped_in: list[Request] = field(default_factory=list)
+    bytes_swapped: int = 0  # out and in
 
     @property
     def num_tokens(self) -> int:
@@ -49,10 +61,13 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, pool: BlockPool, max_model_len: int):
-        self.config, self.pool, self.max_model_len = config, pool, max_model_len
+    def __init__(self, config: EngineConfig, pool: BlockPool, max_model_len: int, host: HostTier | None = None):
+        """host: the tier swap preemption copies into; None preempts by recompute."""
+        self.config, self.pool, self.max_model_len, self.host = config, pool, max_model_len, host
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.swapped: deque[Request] = deque()
+        self._filling = False  # static batching: the batch admitted last step is still filling
         self.watermark_blocks = int(config.watermark * pool.num_blocks)
 
     def check_fits(self, prompt_len: int, max_tokens: int) -> None:
@@ -76,9 +91,12 @@ class Scheduler:
             self.pool.release(request.request_id)
         elif request in self.waiting:
             self.waiting.remove(request)
+        elif request in self.swapped:
+            self.swapped.remove(request)
+            self.host.drop(request.request_id)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.swapped)
 
     def schedule(self) -> StepPlan:
         plan, budget = StepPlan(), self.config.max_num_batched_tokens
@@ -98,17 +116,53 @@ class Scheduler:
                 budget -= n
                 i += 1
         if not plan.preempted:
-            self._admit(plan, budget)
+            budget = self._resume(plan, budget)
+            if not self.swapped:
+                self._admit(plan, budget)
         return plan
 
+    def _resume(self, plan: StepPlan, budget: int) -> int:
+        """Swap the swapped requests back in, first come first: fresh blocks, their KV copied back into
+        them and committed (counted and keyed like computed KV). Returns the budget left."""
+        while self.swapped and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.swapped[0]
+            n = min(request.num_tokens - request.num_computed, budget)
+            watermark = self.watermark_blocks if self.running else 0
+            if self.pool.admission_cost([], request.num_computed + n) + watermark > self.pool.available:
+                break
+            self.swapped.popleft()
+            self.pool.admit(request.request_id, [])
+            ensured = self.pool.ensure(request.request_id, request.num_computed + n)
+            assert ensured, "resumption checked the blocks"
+            held = self.pool.tables[request.request_id][:self.pool.blocks_for(request.num_computed)]
+            moved = self.host.swap_in(request.request_id, held)
+            request.block_keys = []
+            self.pool.commit(request.request_id, request.tokens, 0, request.num_computed, request.block_keys)
+            request.bytes_swapped += moved
+            plan.bytes_swapped += moved
+            plan.swapped_in.append(request)
+            request.status = Status.RUNNING
+            self.running.append(request)
+            plan.rows.append(Row(request, request.num_computed, n))
+            budget -= n
+        return budget
+
     def _admit(self, plan: StepPlan, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        static = self.config.batching == "static"
+        if static and self.running and not self._filling:
+            return
+        over_budget = False
+        while self.waiting and len(self.running) < self.config.max_num_seqs:
+            if budget <= 0:
+                over_budget = True
+                break
             request = self.waiting[0]
             matched = self.pool.match_prefix(request.tokens)
             computed = len(matched) * self.pool.block_size
             n = request.num_tokens - computed
             if not self.config.chunked_prefill and n > budget and plan.rows:
-                break  # a whole prompt over the budget waits to run alone
+                over_budget = True  # a whole prompt over the budget waits to run alone
+                break
             n = n if not self.config.chunked_prefill else min(n, budget)
             if self.config.admission == "reserve":
                 promise = request.max_total_tokens
@@ -132,14 +186,29 @@ class Scheduler:
             self.running.append(request)
             plan.rows.append(Row(request, computed, n))
             budget -= n
+        self._filling = static and over_budget
 
     def _preempt(self, request: Request, plan: StepPlan) -> None:
-        """Recompute preemption: release the blocks and queue the request first again."""
+        """Swap the request's computed blocks out to the host tier, or (recompute, or the tier full)
+        release them and queue the request first again."""
         self.running.remove(request)
+        request.preemptions += 1
+        plan.preempted.append(request)
+        blocks = self.pool.tables[request.request_id][:self.pool.blocks_for(request.num_computed)]
+        if self.host is not None and self.host.fits(len(blocks)):
+            moved = self.host.swap_out(request.request_id, blocks)
+            self.pool.release(request.request_id)
+            request.swaps += 1
+            request.bytes_swapped += moved
+            plan.bytes_swapped += moved
+            plan.swapped_out.append(request)
+            request.status = Status.SWAPPED
+            self.swapped.appendleft(request)
+            return
+        if self.host is not None:
+            request.swap_refused += 1
         self.pool.release(request.request_id)
         request.preempted_tokens += request.num_computed
         request.num_computed = 0
-        request.preemptions += 1
         request.status = Status.WAITING
         self.waiting.appendleft(request)
-        plan.preempted.append(request)
