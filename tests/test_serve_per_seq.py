@@ -152,3 +152,10 @@ def test_bad_per_seq_configs_fail_in_one_line(fields, message):
     with pytest.raises(KvbenchError, match=message) as error:
         EngineConfig(**fields)
     assert "\n" not in str(error.value)
+
+
+def test_a_request_the_strategy_cannot_serve_is_refused_when_added(tiny):
+    engine = Engine(tiny, EngineConfig(kv_backend="per_seq", strategy="h2o:budget=0.5:window=4"))
+    with pytest.raises(KvbenchError, match="keeps 3 of a 6-token prompt") as error:
+        engine.add_request(list(range(6)), GREEDY)
+    assert "\n" not in str(error.value) and not engine.requests

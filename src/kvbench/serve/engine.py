@@ -78,6 +78,8 @@ class Engine:
         (engine clock, `Engine.now()`; default now). Returns its id."""
         check_prompts(self.lm, [prompt_ids], sampling.max_tokens)
         self.scheduler.check_fits(len(prompt_ids), sampling.max_tokens)
+        if self.runner is per_seq:
+            self.kv.store.check(len(prompt_ids), sampling.max_tokens)
         request_id = len(self.requests)
         request = Request(request_id, list(prompt_ids), sampling,
                           Timeline(self.now() if arrival_s is None else arrival_s))

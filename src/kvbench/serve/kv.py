@@ -45,8 +45,8 @@ class KV:
     """A backend: the pool that hands out slots and the store that holds them."""
 
     backend: str
-    pool: BlockPool
-    store: KVStore
+    pool: BlockPool  # per_seq: a TokenLedger with the scheduler's pool interface
+    store: KVStore  # per_seq: its SeqCaches
     max_model_len: int
     chunked_prefill: bool = True  # False: its KV cannot be built a prompt chunk at a time
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvbench.bench.suite import parse_strategy
 from kvbench.engine import model_runner
 from kvbench.errors import KvbenchError
 from kvbench.serve.config import DEFAULT_KV_CACHE_MEMORY, EngineConfig
@@ -50,12 +51,8 @@ def check_config(config: EngineConfig) -> None:
 
 
 def strategy_of(config: EngineConfig) -> CacheStrategy:
-    from kvbench.bench.suite import parse_strategy  # the CLI's parser (a light import, kept out of module load)
-
-    ref = parse_strategy(config.strategy or DEFAULT_STRATEGY)
-    strategy = ref.build()
-    strategy.check_batch(1)
-    return strategy
+    """The strategy `config` names, read by the CLI's parser (`name` or `name:key=value:...`)."""
+    return parse_strategy(config.strategy or DEFAULT_STRATEGY).build()
 
 
 class SeqCaches:
@@ -64,6 +61,11 @@ class SeqCaches:
     def __init__(self, lm, strategy: CacheStrategy):
         self.lm, self.strategy = lm, strategy
         self.caches: dict[int, object] = {}
+
+    def check(self, prompt_len: int, max_tokens: int) -> None:
+        """Refuse, when it is added, a request the strategy cannot serve (a prompt too short for its
+        budget, a head_dim its groups do not divide, a missing package): making its cache raises."""
+        self.strategy.make_cache(self.lm, 1, prompt_len, max_tokens)
 
     def open(self, request: Request) -> None:
         """A fresh cache for a request starting from its first token (admission, or after preemption)."""
