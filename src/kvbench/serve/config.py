@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 from kvbench.errors import KvbenchError
 
-KV_BACKENDS = ("paged", "contiguous")
+KV_BACKENDS = ("paged", "contiguous", "per_seq")
 ADMISSIONS = ("optimistic", "reserve")
 PREEMPTIONS = ("recompute", "swap")
 BATCHINGS = ("continuous", "static")
@@ -18,7 +18,9 @@ class EngineConfig:
     """How the engine batches requests and holds their KV.
 
     kv_backend: `paged` (a pool of `block_size`-token blocks, shared prefixes held once) or `contiguous`
-    (one slab of `max_model_len` tokens per request, TensorRT-LLM's "paging off").
+    (one slab of `max_model_len` tokens per request, TensorRT-LLM's "paging off") or `per_seq` (each request
+    holds its own cache of `strategy`, a name or `name:key=value` as the CLI takes it; default `dynamic`;
+    see `kvbench.serve.per_seq` for what it accounts and what it ignores).
     kv_cache_memory / num_blocks: the pool's size in bytes, or in blocks (num_blocks wins).
     admission: `optimistic` admits with blocks for the next chunk plus a `watermark` fraction of the
     pool kept free, and preempts the newest request (recompute) when a running one cannot grow;
@@ -45,6 +47,7 @@ class EngineConfig:
     swap_space: int | None = None  # bytes of host tier for swap preemption; None: unlimited
     batching: str = "continuous"
     max_model_len: int | None = None  # default: the model's context window
+    strategy: str | None = None  # per_seq only
 
     def __post_init__(self):
         _one_of("kv_backend", self.kv_backend, KV_BACKENDS)
@@ -56,6 +59,13 @@ class EngineConfig:
         for name in ("kv_cache_memory", "num_blocks", "max_model_len", "swap_space"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
+        if self.kv_backend == "per_seq":
+            from kvbench.serve.per_seq import check_config
+
+            check_config(self)
+        elif self.strategy is not None:
+            raise KvbenchError(f"strategy {self.strategy!r} needs kv_backend per_seq (the {self.kv_backend} backend "
+                               "holds full KV); set kv_backend: per_seq or drop strategy")
         if not 0 <= self.watermark < 1:
             raise KvbenchError(f"watermark must be a fraction of the pool in [0, 1), got {self.watermark!r}")
 

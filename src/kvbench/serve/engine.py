@@ -8,6 +8,7 @@ reading after a device synchronisation) and the pool's exact state after it.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ from kvbench.device import clock
 from kvbench.engine.generate import check_prompts
 from kvbench.engine.sampling import Sampler
 from kvbench.errors import KvbenchError
-from kvbench.serve import runner
+from kvbench.serve import per_seq, runner
 from kvbench.serve.attention import check_servable
 from kvbench.serve.config import EngineConfig
 from kvbench.serve.kv import make_kv
@@ -62,8 +63,11 @@ class Engine:
         check_servable(lm)
         self.lm, self.config = lm, config
         self.kv = make_kv(lm, config)
+        self.runner = per_seq if config.kv_backend == "per_seq" else runner
         self.host = HostTier(self.kv.store, config.swap_space) if config.preemption == "swap" else None
-        self.scheduler = Scheduler(config, self.kv.pool, self.kv.max_model_len, self.host)
+        chunked = config.chunked_prefill and self.kv.chunked_prefill
+        self.scheduler = Scheduler(dataclasses.replace(config, chunked_prefill=chunked), self.kv.pool,
+                                   self.kv.max_model_len, self.host)
         self.requests: dict[int, Request] = {}
         self.step_log: list[StepStats] = []
         self._arrivals: list[Request] = []  # added, not yet arrived (engine clock); sorted by arrival
@@ -79,6 +83,8 @@ class Engine:
         (engine clock, `Engine.now()`; default now). Returns its id."""
         check_prompts(self.lm, [prompt_ids], sampling.max_tokens)
         self.scheduler.check_fits(len(prompt_ids), sampling.max_tokens)
+        if self.runner is per_seq:
+            self.kv.store.check(len(prompt_ids), sampling.max_tokens)
         request_id = len(self.requests)
         request = Request(request_id, list(prompt_ids), sampling,
                           Timeline(self.now() if arrival_s is None else arrival_s))
@@ -112,9 +118,9 @@ class Engine:
         if not plan.rows:
             return []
         t1 = self.now()
-        inputs = runner.prepare(plan.rows, self.kv.pool, self.kv.store, self.lm.device)
+        inputs = self.runner.prepare(plan.rows, self.kv.pool, self.kv.store, self.lm.device)
         t2 = self.now()
-        logits = runner.run_model(self.lm.model, inputs)
+        logits = self.runner.run_model(self.lm.model, inputs)
         t3 = self.now()
         tokens = runner.sample(logits, inputs.emitting, self._samplers)
         t4 = self.now()

@@ -1,11 +1,12 @@
 """Where the KV lives: per layer `[num_blocks, block_size, kv_heads, head_dim]` (vLLM's NHD layout), and
 the block pool that hands out its slots.
 
-Two backends behind the one interface (a `BlockPool` over a `KVStore`):
+Three backends behind the one interface (a pool that the scheduler asks for room, and a store):
 - `paged`: blocks of `block_size` tokens, allocated as requests grow, shared prefixes held once;
 - `contiguous`: one slab of `max_model_len` tokens per request (TensorRT-LLM's "paging off"), the
   baseline paging is compared against. It is a pool whose single block per request is the whole slab,
-  never shared, so it reserves `max_model_len` tokens per running request whatever its length.
+  never shared, so it reserves `max_model_len` tokens per running request whatever its length;
+- `per_seq` (`kvbench.serve.per_seq`): one strategy cache per request, accounted in a token ledger.
 """
 
 from __future__ import annotations
@@ -44,9 +45,10 @@ class KV:
     """A backend: the pool that hands out slots and the store that holds them."""
 
     backend: str
-    pool: BlockPool
-    store: KVStore
+    pool: BlockPool  # per_seq: a TokenLedger with the scheduler's pool interface
+    store: KVStore  # per_seq: its SeqCaches
     max_model_len: int
+    chunked_prefill: bool = True  # False: its KV cannot be built a prompt chunk at a time
 
 
 def model_shape(config) -> tuple[int, int, int]:
@@ -64,6 +66,10 @@ def make_kv(lm, config: EngineConfig) -> KV:
     if max_model_len > lm.context_window:
         raise KvbenchError(f"max_model_len {max_model_len} exceeds the context window of {lm.name} "
                            f"({lm.context_window} tokens); lower max_model_len")
+    if config.kv_backend == "per_seq":
+        from kvbench.serve import per_seq
+
+        return per_seq.make_kv(lm, config, max_model_len)
     block_size = config.block_size if config.kv_backend == "paged" else max_model_len
     if config.num_blocks is not None:
         num_blocks = config.num_blocks
