@@ -194,7 +194,7 @@ class Scheduler:
         self.running.remove(request)
         request.preemptions += 1
         plan.preempted.append(request)
-        blocks = self.pool.tables[request.request_id][:self.pool.blocks_for(request.num_computed)]
+        blocks = self.pool.tables[request.request_id][:self.pool.blocks_for(request.num_computed)] if self.host else []
         if self.host is not None and self.host.fits(len(blocks)):
             moved = self.host.swap_out(request.request_id, blocks)
             self.pool.release(request.request_id)
