@@ -7,7 +7,10 @@ submitted at once to (1) `kvbench.serve.Engine` (paged KV, `max_num_seqs` 16, `m
 requests and 512 tokens per forward, its FIFO scheduler (decode rows first, then prompt chunks, as
 kvbench's FCFS scheduler does), prefix sharing on in both (random prompts: no hits), and a free-block
 margin equal to kvbench's admission watermark. Both run the same model object (fp32, transformers'
-`sdpa`, which kvbench swaps for its own attention during its forwards only) in the same process.
+`sdpa`, which kvbench swaps for its own attention during its forwards only) in the same process, and
+each engine's loop runs in a worker thread while the main thread waits, as transformers' manager and
+`kvbench serve` run theirs (`--kvbench-thread main` runs kvbench's in the main thread instead: on this
+machine a loaded CPU slowed main-thread forwards far more than worker-thread ones).
 
 Throughput = generated tokens / (last token's time - submission), each engine's own per-token clock
 (`time.perf_counter` in both); engine set-up (pool allocation, manager warm-up) is outside the clock.
@@ -27,6 +30,7 @@ import shlex
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,10 +94,20 @@ def hf_config(shape: Shape) -> ContinuousBatchingConfig:
                                     allow_block_sharing=True, safety_margin=engine_config(shape).watermark)
 
 
-def run_kvbench(lm, prompts: list[list[int]], shape: Shape) -> Run:
+def run_kvbench(lm, prompts: list[list[int]], shape: Shape, thread: str = "worker") -> Run:
+    """kvbench's engine, its loop in a worker thread (as transformers' manager and `kvbench serve` run
+    theirs) or, with thread="main", in the calling thread."""
     engine = Engine(lm, engine_config(shape))
-    submitted = engine.now()
-    requests = engine.generate(prompts, SamplingParams(max_tokens=shape.output_tokens, ignore_eos=True))
+
+    def serve():
+        submitted = engine.now()
+        return submitted, engine.generate(prompts, SamplingParams(max_tokens=shape.output_tokens, ignore_eos=True))
+
+    if thread == "main":
+        submitted, requests = serve()
+    else:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            submitted, requests = pool.submit(serve).result()
     return Run("kvbench", submitted, [r.output_ids for r in requests],
                [r.timeline.first_token_s for r in requests], [r.timeline.token_s[-1] for r in requests])
 
@@ -153,6 +167,8 @@ def main() -> None:
     for field in dataclasses.fields(Shape):
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=int, default=getattr(defaults, field.name))
     parser.add_argument("--trials", type=int, default=2)
+    parser.add_argument("--kvbench-thread", choices=("worker", "main"), default="worker",
+                        help="where kvbench's engine loop runs (transformers' always runs in its manager's thread)")
     parser.add_argument("--out", type=Path, help="a directory for results.json and report.md")
     args = parser.parse_args()
     shape = Shape(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Shape)})
@@ -163,13 +179,13 @@ def main() -> None:
     lm = load_model(args.model, device="cpu", dtype="float32")
     prompts = build_prompts(lm.config.vocab_size, shape)
     warm = Shape(requests=2, prompt_tokens=16, output_tokens=4, max_num_seqs=2)
-    run_kvbench(lm, build_prompts(lm.config.vocab_size, warm), warm)
+    run_kvbench(lm, build_prompts(lm.config.vocab_size, warm), warm, args.kvbench_thread)
     resolved: dict = {}
     run_hf(lm, build_prompts(lm.config.vocab_size, warm), warm)
     trials = []
     for trial in range(args.trials):
         order = ("kvbench", "transformers") if trial % 2 == 0 else ("transformers", "kvbench")
-        runs = {name: run_kvbench(lm, prompts, shape) if name == "kvbench" else run_hf(lm, prompts, shape, resolved)
+        runs = {name: run_kvbench(lm, prompts, shape, args.kvbench_thread) if name == "kvbench" else run_hf(lm, prompts, shape, resolved)
                 for name in order}
         ours, theirs = runs["kvbench"].summary(), runs["transformers"].summary()
         record = {"trial": trial, "order": list(order), "kvbench": ours, "transformers": theirs,
@@ -188,7 +204,7 @@ def main() -> None:
     if args.out:
         record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "command": shlex.join([sys.executable.rsplit("/", 1)[-1], *sys.argv]), "model": lm.name,
-                  "shape": dataclasses.asdict(shape), "environment": describe(lm.device),
+                  "shape": dataclasses.asdict(shape), "kvbench_thread": args.kvbench_thread, "environment": describe(lm.device),
                   "kvbench_config": engine_config(shape).to_dict(), "transformers_config": resolved,
                   "ratio_mean": statistics.fmean(ratios), "outputs_identical_across_trials": stable, "trials": trials}
         args.out.mkdir(parents=True, exist_ok=True)
@@ -201,6 +217,7 @@ def report(record: dict) -> str:
     lines = [f"# kvbench engine vs transformers continuous batching ({record['date']})", "",
              f"`{record['command']}` at commit {record['environment']['git_commit']}", "",
              f"{s['requests']} requests of {s['prompt_tokens']} prompt / {s['output_tokens']} output tokens, all at once; "
+             f"kvbench's loop in the {record['kvbench_thread']} thread; "
              f"mean ratio **{record['ratio_mean']:.2f}x** (kvbench / transformers output tok/s).", "",
              "| trial | order | kvbench tok/s | wall s | TTFT median / max s | transformers tok/s | wall s "
              "| TTFT median / max s | ratio | requests token-equal | first divergences |",
