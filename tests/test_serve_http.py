@@ -146,6 +146,8 @@ def test_text_chat_and_stop_strings_with_a_real_tokenizer(tinytok):
         cut = client.post(f"{url}/completions", json=body("The cache holds keys", max_tokens=12, stop=[stop])).json()
         assert cut["choices"][0]["text"] == full[:full.index(stop)]
         assert cut["choices"][0]["finish_reason"] == "stop"
+        stopped = 'vllm:request_success_total{engine="0",finished_reason="stop",model_name="m"} 1.0'
+        _wait(lambda: stopped in client.get(url.removesuffix("/v1") + "/metrics").text)
 
 
 @pytest.mark.parametrize("payload, status, names", [
@@ -206,6 +208,39 @@ def test_full_waiting_queue_is_a_503_and_a_disconnect_frees_the_blocks(tiny):
         usage = engine.kv.pool.usage()
         assert usage.used == 0 and usage.promised == 0
         engine.kv.pool.check()
+
+
+def test_an_engine_failure_mid_stream_is_an_error_event_then_done(tiny, monkeypatch, capsys):
+    with serving(tiny) as (_, engine, url), httpx.Client(timeout=30) as client:
+        with client.stream("POST", f"{url}/completions", json={**body([1, 2, 3], max_tokens=200), "stream": True}) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+
+            def broken():
+                raise RuntimeError("boom")
+
+            monkeypatch.setattr(engine, "step", broken)
+            rest = [line for line in lines if line.startswith("data: ")]
+        error = json.loads(rest[-2].removeprefix("data: "))["error"]
+        assert "RuntimeError: boom" in error["message"] and error["code"] == 500 and rest[-1] == "data: [DONE]"
+        monkeypatch.undo()
+        assert client.post(f"{url}/completions", json=body([1, 2])).json()["choices"][0]["finish_reason"] == "length"
+    assert "RuntimeError: boom" in capsys.readouterr().err  # the traceback is logged
+
+
+def test_serve_flags_are_engine_config_fields(capsys):
+    from kvbench.cli import build_parser
+    from kvbench.serve.launch import engine_config
+
+    parse = build_parser().parse_args
+    assert engine_config(parse(["serve"])) == EngineConfig()
+    given = parse(["serve", "--max-num-seqs", "4", "--no-prefix-caching", "--no-chunked-prefill", "--kv-cache-memory",
+                   "64MiB", "--kv-backend", "contiguous", "--admission", "reserve", "--max-model-len", "512"])
+    assert engine_config(given) == EngineConfig(max_num_seqs=4, enable_prefix_caching=False, chunked_prefill=False,
+                                                kv_cache_memory=64 * 2**20, kv_backend="contiguous",
+                                                admission="reserve", max_model_len=512)
+    assert main(["serve", "--kv-backend", "nope"]) == 2  # refused before any model loads, with the valid values
+    assert "kv_backend must be one of paged" in capsys.readouterr().err
 
 
 def test_metrics_parse_and_counters_grow(tiny):

@@ -4,7 +4,8 @@ engine as they read vLLM) plus `kvbench:` extras.
 One `CollectorRegistry` per server (no global state). The engine thread updates the metrics after each
 step and when a request finishes; `/metrics` renders them. Latency histograms use vLLM's buckets and the
 engine's clock: time to first token, inter-token latency and end to end from the request's arrival at
-the server, queue time from arrival to the first step that scheduled it.
+the server, queue time from arrival to the first step that scheduled it. Prompt and prefix-cache
+token counters count a request when it finishes (the hits: its prefix-cache hit tokens at first admission).
 """
 
 from __future__ import annotations
@@ -73,9 +74,10 @@ class ServerMetrics:
         self.kv_bytes_reserved.set(usage.bytes_reserved)
         self.kv_blocks.set(usage.total)
 
-    def on_finished(self, request: Request) -> None:
+    def on_finished(self, request: Request, reason: str | None = None) -> None:
+        """Count a finished request (`reason`: as the API finished it, where the engine's differs)."""
         t = request.timeline
-        self.success.labels(**self.labels, finished_reason=request.finish_reason.value).inc()
+        self.success.labels(**self.labels, finished_reason=reason or request.finish_reason.value).inc()
         if request.num_cached is not None:  # it was admitted, so its prompt was looked up
             self.queries.inc(len(request.prompt_ids))
             self.hits.inc(request.num_cached)

@@ -205,7 +205,7 @@ class Server:
                 last = out.finished and i == len(out.new_token_ids) - 1
                 counts = (len(stream.prompt_ids), generated, out.num_cached_tokens)
                 if stopped:
-                    self.worker.abort(stream)
+                    self.worker.abort(stream, "stop")
                     yield text, "stop", counts
                     return
                 if last:

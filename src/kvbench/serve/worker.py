@@ -64,8 +64,10 @@ class EngineWorker:
         self.submitted += 1
         self._command(("add", stream))
 
-    def abort(self, stream: Stream) -> None:
-        self._command(("abort", stream))
+    def abort(self, stream: Stream, reason: str = "abort") -> None:
+        """End a request: its client went away (`abort`), or its text reached a stop string (`stop`, as the
+        metrics count it; the engine, which knows no stop strings, records an abort)."""
+        self._command(("abort", (stream, reason)))
 
     def stop(self, abort: bool) -> None:
         """Stop the thread once in-flight requests finish (abort=True: abort them first)."""
@@ -103,8 +105,8 @@ class EngineWorker:
                     self._deliver([(arg, EngineFailure(str(exc)))])
                     continue
                 self._streams[arg.request_id] = arg
-            elif kind == "abort" and arg.request_id in self._streams:
-                self._abort(self._streams[arg.request_id])
+            elif kind == "abort" and arg[0].request_id in self._streams:
+                self._abort(*arg)
             elif kind == "stop":
                 self._stop = True
                 if arg:
@@ -112,11 +114,11 @@ class EngineWorker:
                     self._deliver(aborted)
         self._gauges()
 
-    def _abort(self, stream: Stream) -> RequestOutput:
+    def _abort(self, stream: Stream, reason: str = "abort") -> RequestOutput:
         self.engine.abort(stream.request_id)
         del self._streams[stream.request_id]
         request = self.engine.requests[stream.request_id]
-        self.metrics.on_finished(request)
+        self.metrics.on_finished(request, reason)
         return RequestOutput(request.request_id, [], True, FinishReason.ABORT, len(request.output_ids),
                              request.num_cached or 0)
 
@@ -144,8 +146,8 @@ class EngineWorker:
         if len(self.engine.step_log) > steps:  # a step that scheduled nothing logs nothing
             stats = self.engine.step_log[-1]
             self.metrics.on_step(stats.step_ms, len(outputs), stats.preempted)
+        self._gauges()  # before the outputs: a client that saw its answer sees the metrics that include it
         self._deliver(delivered)
-        self._gauges()
 
     def _gauges(self) -> None:
         scheduler = self.engine.scheduler
