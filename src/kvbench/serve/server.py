@@ -136,16 +136,19 @@ class Server:
         stream = Stream(prompt_ids, sampling, time.perf_counter())
         self._in_flight.add(stream)
         watch = asyncio.ensure_future(_watch(reader, stream))
+        answered = False
         try:
             self.worker.submit(stream)
             shapes = Shapes(chat, api.model)
-            if api.stream:
-                return await self._stream(stream, api, shapes, writer)
-            return await self._whole(stream, api, shapes, writer)
+            respond = self._stream if api.stream else self._whole
+            keep = await respond(stream, api, shapes, writer)
+            answered = True
+            return keep
         except (ConnectionError, Disconnected):
-            self.worker.abort(stream)
             return False
         finally:
+            if not answered:  # the client went away, or this side failed: nobody reads the rest
+                self.worker.abort(stream)
             watch.cancel()  # and wait for it: its read must end before the connection reads the next request
             await asyncio.gather(watch, return_exceptions=True)
             self._in_flight.discard(stream)
@@ -157,7 +160,10 @@ class Server:
             raise KvbenchError(f"model {self.lm.name!r} has no tokenizer; send the prompt as token ids to /v1/completions")
         if api.prompt_text is not None:
             return self.lm.encode(api.prompt_text, chat=False)
-        ids = self.lm.tokenizer.apply_chat_template(list(api.messages), add_generation_prompt=True, tokenize=True)
+        try:
+            ids = self.lm.tokenizer.apply_chat_template(list(api.messages), add_generation_prompt=True, tokenize=True)
+        except Exception as exc:  # a template may refuse a conversation (jinja's raise_exception)
+            raise KvbenchError(f"the chat template of {self.lm.name!r} refused the messages: {exc}") from None
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
     async def _stream(self, stream: Stream, api: ApiRequest, shapes: Shapes, writer) -> bool:
