@@ -331,3 +331,21 @@ def test_stop_strings_hold_back_a_possible_start():
     free = StopStrings(("zz",))
     assert free.feed("a") == ("a", False) and free.feed("z") == ("", False) and free.flush() == "z"
     assert StopStrings(()).feed("zz") == ("zz", False)
+
+
+@pytest.mark.slow
+def test_embedded_model_streams_the_offline_generate_text(embedded):
+    from kvbench.engine import GenerationConfig, generate
+    from kvbench.strategies import build_strategy
+
+    config = GenerationConfig(max_new_tokens=16)
+    with serving(embedded, EngineConfig()) as (_, _, url), httpx.Client(timeout=120) as client:
+        for question in ("What is a KV cache?", "Name three colours."):
+            reference = generate(embedded, build_strategy("dynamic"), [embedded.encode(question)], config).tokens[0]
+            chat = {"model": "m", "messages": [{"role": "user", "content": question}], "max_tokens": 16,
+                    "temperature": 0, "stream_options": {"include_usage": True}}
+            stream = events(client, f"{url}/chat/completions", chat)
+            text = "".join(e["choices"][0]["delta"].get("content", "") for e in stream[1:] if isinstance(e, dict)
+                           and e["choices"])
+            assert text == embedded.decode(reference)
+            assert stream[-2]["usage"]["completion_tokens"] == len(reference)
