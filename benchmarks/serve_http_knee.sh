@@ -14,7 +14,7 @@ SERVER=$!
 trap 'kill -TERM $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 120); do curl -sf "http://127.0.0.1:$PORT/health" > /dev/null && break; sleep 1; done
 $PY -m kvbench.cli load --url "http://127.0.0.1:$PORT/v1" --tokenizer smollm2-135m --workload random \
-  --prompt-tokens 128 --output-tokens 32 --ignore-eos --num-requests 200 --request-rate "$RATE" \
+  --prompt-tokens 128 --output-tokens 32 --ignore-eos --num-requests "${NUM:-200}" --request-rate "$RATE" \
   --out "$OUT/load" --no-progress | tee "$OUT/load.txt"
 curl -sf "http://127.0.0.1:$PORT/health" > /dev/null && echo "server up after the run" | tee -a "$OUT/load.txt"
 curl -sf "http://127.0.0.1:$PORT/metrics" > "$OUT/metrics-after.txt"
