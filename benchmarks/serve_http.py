@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import gc
 import json
 import resource
 import shlex
@@ -43,7 +44,15 @@ from kvbench.workloads.tokenizer import load_tokenizer
 NAME = "m"
 
 
+def os_threads() -> int:
+    """Threads of this process (Python's and torch's), recorded per round to see any left behind."""
+    return int(next(line for line in Path("/proc/self/status").read_text().splitlines()
+                    if line.startswith("Threads:")).split()[1])
+
+
 def in_process(lm, config: EngineConfig, prompts: list[list[int]], output_tokens: int) -> dict:
+    gc.collect()  # the previous round's engine and server go before this one is timed
+    threads = os_threads()
     engine = Engine(lm, config)
     engine.generate([prompts[0][:8]], SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
     sampling = SamplingParams(max_tokens=output_tokens, ignore_eos=True)
@@ -51,7 +60,7 @@ def in_process(lm, config: EngineConfig, prompts: list[list[int]], output_tokens
     requests = engine.generate(prompts, sampling)
     wall = time.perf_counter() - t0
     tokens = sum(len(r.output_ids) for r in requests)
-    return {"output_tokens": tokens, "duration_s": wall, "output_tok_s": tokens / wall}
+    return {"output_tokens": tokens, "duration_s": wall, "output_tok_s": tokens / wall, "os_threads": threads}
 
 
 def over_http(lm, config: EngineConfig, args, out: Path) -> dict:
@@ -88,6 +97,7 @@ def over_http(lm, config: EngineConfig, args, out: Path) -> dict:
     finally:
         loop.call_soon_threadsafe(server.stop)
         thread.join(60)
+        loop.close()
     point = json.loads((out / "summary.json").read_text())["points"]["inf"]
     tokens = point["output_tokens"]
     return {"output_tokens": tokens, "duration_s": point["duration_s"], "output_tok_s": point["output_token_throughput"],
