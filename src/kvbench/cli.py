@@ -1,4 +1,4 @@
-"""The `kvbench` command: env, list, generate, run, report, compare, load."""
+"""The `kvbench` command: env, list, generate, run, report, compare, load, serve."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ if TYPE_CHECKING:
 
 # The commands whose flags take their choices and defaults from modules that import torch; the parser builds
 # those flags only when one of them runs, so `kvbench load` and `kvbench report` never import torch.
-ENGINE_FLAGS = ("generate",)
+ENGINE_FLAGS = ("generate", "serve")
 # A module the command needs and the install lacks -> the extra that installs it (`kvbench load` needs only the
 # tokenizer's; every other command that fails this way runs models).
-EXTRAS = {"load": "load"}
+EXTRAS = {"load": "load", "serve": "serve"}
 
 
 def _defaults():
@@ -46,6 +46,11 @@ def build_parser(engine_flags: bool = True) -> argparse.ArgumentParser:
     cmp.add_argument("outs", type=Path, nargs="+", metavar="OUT", help="run directories (two or more, of any kind)")
     cmp.add_argument("--out", type=Path, help="also write the table to this .md file")
     _load_parser(sub)
+    sv = sub.add_parser("serve", help="the serving engine behind an OpenAI-compatible HTTP server (drive it with kvbench load)")
+    if engine_flags:
+        from kvbench.serve.launch import add_flags
+
+        add_flags(sv)
     return parser
 
 
@@ -178,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser(engine_flags=command in ENGINE_FLAGS).parse_args(argv)
         return {"env": cmd_env, "list": cmd_list, "generate": cmd_generate, "run": cmd_run, "report": cmd_report,
-                "compare": cmd_compare, "load": cmd_load}[args.command](args)
+                "compare": cmd_compare, "load": cmd_load, "serve": cmd_serve}[args.command](args)
     except KvbenchError as exc:
         print(f"kvbench: error: {exc}", file=sys.stderr)
         return 2
@@ -441,6 +446,13 @@ def cmd_load(args) -> int:
     spec = load_spec_from_flags(args)
     out = args.out or Path("results") / "load"
     return _run(spec, RunOptions(out=out, resume=args.resume, progress=not args.no_progress))
+
+
+def cmd_serve(args) -> int:
+    from kvbench.serve.launch import main
+
+    _quiet_transformers()
+    return main(args)
 
 
 if __name__ == "__main__":

@@ -26,10 +26,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import codecs
-import json
 import re
 import threading
 from dataclasses import dataclass
+
+from kvbench.sse_http import STREAM_END, STREAM_HEAD, HttpRequest, chunk, send, send_json, serve_connection, sse
 
 FAULT = re.compile(r"\[\[fault:(\w+)\]\]")
 LEAD_BYTE = re.compile(rb"[\xc0-\xff]")  # the first byte of a multi-byte UTF-8 character
@@ -75,7 +76,7 @@ class FakeServer:
         return f"http://127.0.0.1:{self.port}/v1"
 
     async def serve(self) -> None:
-        self._server = await asyncio.start_server(self._connection, "127.0.0.1", self.port)
+        self._server = await asyncio.start_server(lambda r, w: serve_connection(r, w, self._handle), "127.0.0.1", self.port)
         self.port = self._server.sockets[0].getsockname()[1]
 
     def __enter__(self) -> str:
@@ -106,36 +107,19 @@ class FakeServer:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                line = await reader.readline()
-                if not line:
-                    return
-                method, path, _ = line.decode().split(" ", 2)
-                length = 0
-                while (header := await reader.readline()) not in (b"\r\n", b"\n", b""):
-                    name, _, value = header.decode().partition(":")
-                    if name.strip().lower() == "content-length":
-                        length = int(value)
-                body = json.loads(await reader.readexactly(length)) if length else {}
-                if not await self._route(method, path, body, writer):
-                    return  # the connection was dropped on purpose
-        except (ConnectionError, asyncio.IncompleteReadError):
-            return
-        finally:
-            writer.close()
+    async def _handle(self, request: HttpRequest, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        return await self._route(request.method, request.path, request.json(), writer)
 
     async def _route(self, method: str, path: str, body: dict, writer: asyncio.StreamWriter) -> bool:
         if method == "GET" and path == "/v1/models":
-            return await _json(writer, 200, {"object": "list", "data": [{"id": self.config.model, "object": "model"}]})
+            return await send_json(writer, 200, {"object": "list", "data": [{"id": self.config.model, "object": "model"}]})
         if method == "GET" and path == "/metrics":
-            return await _text(writer, self._metrics())
+            return await send(writer, 200, "text/plain; version=0.0.4", self._metrics().encode())
         if method == "POST" and path in ("/v1/completions", "/v1/chat/completions"):
             if body.get("model") != self.config.model:
-                return await _json(writer, 404, {"error": {"message": f"model {body.get('model')!r} not found"}})
+                return await send_json(writer, 404, {"error": {"message": f"model {body.get('model')!r} not found"}})
             return await self._generate(body, chat=path.endswith("chat/completions"), writer=writer)
-        return await _json(writer, 404, {"error": {"message": f"no route {method} {path}"}})
+        return await send_json(writer, 404, {"error": {"message": f"no route {method} {path}"}})
 
     def _metrics(self) -> str:
         c = self.counters
@@ -153,7 +137,7 @@ class FakeServer:
         self.prompts.append(prompt)
         fault = (FAULT.search(prompt) or [None, None])[1]
         if fault == "http_500":
-            return await _json(writer, 500, {"error": {"message": "injected failure"}})
+            return await send_json(writer, 500, {"error": {"message": "injected failure"}})
         words = prompt.split()
         cached = _common_prefix(words, self._last_prompt)
         self._last_prompt = words
@@ -169,7 +153,7 @@ class FakeServer:
             text = b"".join(tokens).decode("utf-8", "ignore")
             choice = {"index": 0, "finish_reason": "length",
                       **({"message": {"role": "assistant", "content": text}} if chat else {"text": text})}
-            return await _json(writer, 200, {"object": kind.removesuffix(".chunk"), "choices": [choice], "usage": usage})
+            return await send_json(writer, 200, {"object": kind.removesuffix(".chunk"), "choices": [choice], "usage": usage})
 
         def event(piece: str | None, finish: str | None = None, role: bool = False) -> bytes:
             if chat:
@@ -177,11 +161,11 @@ class FakeServer:
                 choice = {"index": 0, "delta": delta, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": piece or "", "finish_reason": finish}
-            return _sse({"object": kind, "model": self.config.model, "choices": [choice]})
+            return sse({"object": kind, "model": self.config.model, "choices": [choice]})
 
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        writer.write(STREAM_HEAD)
         if chat:
-            writer.write(_chunk(event(None, role=True)))
+            writer.write(chunk(event(None, role=True)))
         await writer.drain()
         held = codecs.getincrementaldecoder("utf-8")()  # holds back a partial character
         for i in range(n):
@@ -194,18 +178,18 @@ class FakeServer:
                 writer.transport.abort()
                 return False
             if fault in ERRORS and i == ERRORS[fault][0]:
-                writer.write(_chunk(_sse(ERRORS[fault][1])) + _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+                writer.write(chunk(sse(ERRORS[fault][1])) + STREAM_END)
                 await writer.drain()
                 return True
             if fault in BAD_LINES and i == 1:
-                writer.write(_chunk(BAD_LINES[fault]))
+                writer.write(chunk(BAD_LINES[fault]))
             elif piece := held.decode(tokens[i]):
                 await _write_split(writer, event(piece))
             await writer.drain()
-        writer.write(_chunk(event(None, finish="length")))
+        writer.write(chunk(event(None, finish="length")))
         if (body.get("stream_options") or {}).get("include_usage") and fault != "no_usage":
-            writer.write(_chunk(_sse({"object": kind, "model": self.config.model, "choices": [], "usage": usage})))
-        writer.write(_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+            writer.write(chunk(sse({"object": kind, "model": self.config.model, "choices": [], "usage": usage})))
+        writer.write(STREAM_END)
         await writer.drain()
         return True
 
@@ -219,39 +203,15 @@ def _common_prefix(a: list[str], b: list[str]) -> int:
     return n
 
 
-def _sse(obj: dict) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
-
-
 async def _write_split(writer: asyncio.StreamWriter, data: bytes) -> None:
     """Write `data` as two HTTP chunks split after the lead byte of its first multi-byte character (if any),
     so a client sees a character cut between reads."""
     lead = LEAD_BYTE.search(data)
     cut = lead.end() if lead else len(data)
-    writer.write(_chunk(data[:cut]))
+    writer.write(chunk(data[:cut]))
     if cut < len(data):
         await writer.drain()
-        writer.write(_chunk(data[cut:]))
-
-
-def _chunk(data: bytes) -> bytes:
-    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
-
-
-async def _json(writer: asyncio.StreamWriter, status: int, obj: dict) -> bool:
-    return await _send(writer, status, "application/json", json.dumps(obj).encode())
-
-
-async def _text(writer: asyncio.StreamWriter, text: str) -> bool:
-    return await _send(writer, 200, "text/plain; version=0.0.4", text.encode())
-
-
-async def _send(writer: asyncio.StreamWriter, status: int, content_type: str, body: bytes) -> bool:
-    reason = {200: "OK", 404: "Not Found", 500: "Internal Server Error"}[status]
-    writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
-                 .encode() + body)
-    await writer.drain()
-    return True
+        writer.write(chunk(data[cut:]))
 
 
 def main() -> None:

@@ -1,8 +1,10 @@
 """Server-side counters around a run: scrape Prometheus `/metrics` before and after, keep the deltas.
 
 Only the engines' own families are kept (vLLM `vllm:`, SGLang `sglang:`, llama.cpp's server
-`llamacpp:`, TensorRT-LLM `trtllm_`), summed over their label sets: counters as deltas, gauges as
-the value after the run. Histograms are skipped (the client measures latencies itself). A server
+`llamacpp:`, TensorRT-LLM `trtllm_`, `kvbench serve`'s extras `kvbench:`), summed over their label
+sets: counters as deltas, gauges as the value after the run. Histograms are skipped (the client
+measures latencies itself), and so are the `_created` timestamps that prometheus-client (vLLM's and
+kvbench's exporter) writes beside each counter. A server
 without the endpoint (llama-cpp-python, a llama-server started without --metrics) is recorded as
 unavailable, not an error.
 """
@@ -13,7 +15,7 @@ import math
 
 import httpx
 
-ENGINE_PREFIXES = ("vllm:", "sglang:", "llamacpp:", "trtllm_")
+ENGINE_PREFIXES = ("vllm:", "sglang:", "llamacpp:", "trtllm_", "kvbench:")
 # (hits counter, queries counter) pairs whose ratio over the run is a prefix-cache hit rate
 HIT_RATES = (
     ("vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total"),
@@ -78,7 +80,7 @@ def server_deltas(before: str | None, after: str | None) -> dict:
     a, types = parse_metrics(after)
     counters, gauges = {}, {}
     for name, value in a.items():
-        if not name.startswith(ENGINE_PREFIXES):
+        if not name.startswith(ENGINE_PREFIXES) or name.endswith("_created"):
             continue
         kind = _family_type(name, types)
         if kind == "counter":
