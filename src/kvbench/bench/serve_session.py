@@ -136,16 +136,15 @@ def step_record(step: StepStats, t0: float) -> dict:
 
 
 def request_record(request, planned: Planned, t0: float, started: StepStarts) -> dict:
-    """A `kvbench load` record (`load.stream.Trace.record`'s fields) from the request's timeline, plus the engine's
-    own: queue_ms (scheduled arrival -> start of the step that first ran it), prefill_ms (that -> first token)."""
+    """A `kvbench load` record (`load.stream.Trace.record`'s fields) from the request's timeline, with the engine's
+    queue_ms (scheduled arrival -> start of the step that first ran it) and prefill_ms (that -> first token)."""
     line = request.timeline
-    timing = request_timing(line.token_s, start_s=line.arrival_s, end_s=line.end_s, scheduled_s=line.arrival_s)
-    scheduled = started(line.first_scheduled_s)
+    timing = request_timing(line.token_s, start_s=line.arrival_s, end_s=line.end_s, scheduled_s=line.arrival_s,
+                            first_scheduled_s=started(line.first_scheduled_s))
     req = planned.request
     return {
         "index": planned.index, "stream": planned.stream, "scheduled_s": planned.offset_s, "sent_s": planned.offset_s,
         "end_s": line.end_s - t0, **asdict(timing),
-        "queue_ms": (scheduled - line.arrival_s) * 1e3, "prefill_ms": (line.first_token_s - scheduled) * 1e3,
         "prompt_tokens": len(request.prompt_ids), "output_tokens": len(request.output_ids),
         "max_tokens": request.params.max_tokens, "cached_tokens": request.num_cached or 0,
         "usage_source": "engine", "output_tokens_by": "engine",
