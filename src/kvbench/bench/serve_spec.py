@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from kvbench.bench.preflight import parse_bytes
 from kvbench.bench.spec import RunSpec
 from kvbench.errors import KvbenchError
 from kvbench.fields import checked_fields
@@ -52,8 +53,6 @@ def parse_engine(entry: Any) -> EngineVariant:
                            "write e.g. {kv_backend: paged, max_num_seqs: 8}")
     entry = dict(entry)
     label = entry.pop("label", None)
-    from kvbench.bench.preflight import parse_bytes  # torch: only where an engine is read
-
     fields = {k: parse_bytes(v) if k in BYTE_FIELDS and isinstance(v, str) else v for k, v in entry.items()}
     checked = checked_fields(EngineConfig, fields, "engine key")
     EngineConfig(**checked)  # its own validation (one of, positive), with the valid values in the message
