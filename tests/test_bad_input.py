@@ -191,7 +191,7 @@ def test_memory_limits_that_are_no_size_are_refused(limit, message, capsys):
 @pytest.mark.parametrize("data, message", [
     ({"quick": 5}, "suite key quick must be a mapping, got 5"),
     ({"kind": "reuse", "quick": 5}, "reuse key quick must be a mapping, got 5"),
-    ({"kind": "bogus"}, "unknown kind 'bogus'; valid: suite, reuse, traffic, load (no kind: suite)"),
+    ({"kind": "bogus"}, "unknown kind 'bogus'; valid: suite, reuse, traffic, load, serve (no kind: suite)"),
     ({"strategies": ["h2o:budget=0.5:budget=0.9"]}, "strategy 'h2o:budget=0.5:budget=0.9' sets budget twice"),
 ])
 def test_suite_mistakes_are_named_for_what_they_are(data, message, tmp_path, capsys):

@@ -176,3 +176,10 @@ def test_timing_stats_pool_every_gap_and_skip_failed_requests():
 def test_speedup():
     assert speedup(100, 25) == 4.0
     assert math.isnan(speedup(100, 0))
+
+
+def test_queue_and_prefill_split_ttft_where_an_engine_scheduled_the_request():
+    t = request_timing([2.0, 2.5], start_s=1.0, scheduled_s=1.0, first_scheduled_s=1.25)
+    assert (t.queue_ms, t.prefill_ms, t.ttft_ms, t.send_lag_ms) == (250.0, 750.0, 1000.0, 0.0)
+    plain = request_timing([2.0, 2.5], start_s=1.0)
+    assert plain.queue_ms is None and plain.prefill_ms is None  # no engine schedule: suites, load

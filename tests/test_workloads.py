@@ -80,6 +80,22 @@ def test_synthetic_ids_have_the_exact_length_and_random_text_about_it():
     assert [r.prompt for r in text] == [r.prompt for r in build_requests(spec, 3, TOK, form="text")]
 
 
+def test_synthetic_lengths_drawn_uniformly_where_a_max_is_set():
+    spec = WorkloadSpec(prompt_tokens=64, max_prompt_tokens=1024, output_tokens=16, max_output_tokens=512, seed=2)
+    requests = build_requests(spec, 2000, TOK, form="ids")
+    prompts, outputs = np.array([len(r.ids) for r in requests]), np.array([r.max_tokens for r in requests])
+    assert prompts.min() >= 64 and prompts.max() <= 1024 and outputs.min() >= 16 and outputs.max() <= 512
+    assert prompts.mean() == pytest.approx(544, rel=0.05) and outputs.mean() == pytest.approx(264, rel=0.05)
+    assert prompts.std() == pytest.approx((961**2 - 1) ** 0.5 / 12**0.5, rel=0.05)  # discrete uniform's spread
+    assert requests[:5] == build_requests(spec, 5, TOK, form="ids")  # request i depends on (seed, i) only
+    fixed_output = build_requests(replace(spec, max_output_tokens=None), 50, TOK, form="ids")
+    assert {r.max_tokens for r in fixed_output} == {16} and len({len(r.ids) for r in fixed_output}) > 1
+    with pytest.raises(KvbenchError, match="max_prompt_tokens must be >= prompt_tokens"):
+        WorkloadSpec(prompt_tokens=64, max_prompt_tokens=32)
+    with pytest.raises(KvbenchError, match="max_output_tokens must be >= output_tokens"):
+        WorkloadSpec(output_tokens=64, max_output_tokens=8)
+
+
 def test_text_slices_have_the_exact_length_and_their_true_continuation():
     spec = WorkloadSpec(kind="text", prompt_tokens=50, output_tokens=8)
     reqs = build_requests(spec, 2, TOK, form="ids")

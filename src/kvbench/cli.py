@@ -81,7 +81,7 @@ def _generate_flags(g: argparse.ArgumentParser) -> None:
 def _run_parser(sub) -> None:
     """`run`'s flags: torch-free, so a load spec runs on an install without torch (a bad device or dtype is refused
     by the run's own checks, with the valid values)."""
-    r = sub.add_parser("run", help="run a spec of any kind (a shipped name or a .yaml path: suite, reuse, traffic, "
+    r = sub.add_parser("run", help="run a spec of any kind (a shipped name or a .yaml path: suite, reuse, traffic, serve, "
                                    "load) and write its report")
     r.add_argument("suite")
     r.add_argument("--model", help=MODEL_HELP + "; for a load spec, the served model's name")

@@ -32,11 +32,13 @@ class RequestTiming:
     e2e_ms: float | None  # start -> end of the response
     decode_tokens_per_s: float | None  # rows * (output tokens - 1) / decode time
     send_lag_ms: float | None  # scheduled send -> actual send (the client's queue time); open-loop load only
+    queue_ms: float | None  # arrival -> first scheduled by the engine; in-process serving only
+    prefill_ms: float | None  # first scheduled -> first token; in-process serving only
 
 
 def request_timing(token_times_s: Sequence[float], rows: int = 1, *, start_s: float | None = 0.0,
                    end_s: float | None = None, output_tokens: int | None = None,
-                   scheduled_s: float | None = None) -> RequestTiming:
+                   scheduled_s: float | None = None, first_scheduled_s: float | None = None) -> RequestTiming:
     """Timings of one request, or of a batch of `rows` requests that share one clock, from its timestamps.
 
     `token_times_s`: when each token arrived, on the same clock as `start_s`: in-process the end of each
@@ -46,6 +48,7 @@ def request_timing(token_times_s: Sequence[float], rows: int = 1, *, start_s: fl
     was in (HTTP: the end of the stream, after the last text chunk; default: the last token).
     `output_tokens`: tokens generated per row (default one per timestamp; HTTP: the server's usage
     count). `scheduled_s`: when the request was due to be sent, for an open-loop schedule.
+    `first_scheduled_s`: when a serving engine first scheduled the request (`start_s` is then its arrival).
     """
     ms = lambda a, b: None if a is None or b is None else (b - a) * 1000.0  # noqa: E731
     itl = [(b - a) * 1000.0 for a, b in zip(token_times_s, token_times_s[1:])]
@@ -62,6 +65,8 @@ def request_timing(token_times_s: Sequence[float], rows: int = 1, *, start_s: fl
         e2e_ms=e2e,
         decode_tokens_per_s=rows * steps / (decode / 1000.0) if steps and decode > 0 else None,
         send_lag_ms=ms(scheduled_s, start_s),
+        queue_ms=ms(start_s, first_scheduled_s),
+        prefill_ms=ms(first_scheduled_s, token_times_s[0] if token_times_s else None),
     )
 
 

@@ -1,4 +1,4 @@
-"""Run specs: every kind of run (suite, reuse, traffic, load) is one frozen dataclass with a `kind`.
+"""Run specs: every kind of run (suite, reuse, traffic, load, serve) is one frozen dataclass with a `kind`.
 
 One loader for all of them (a shipped name or a YAML file; YAML < `quick:` block under --quick <
 flags), one validation path (`kvbench.fields`: unknown keys listed with the valid ones, types
@@ -31,6 +31,7 @@ KINDS = {
     "reuse": "kvbench.bench.reuse_spec:ReuseSuiteSpec",
     "traffic": "kvbench.bench.reuse_spec:TrafficSuiteSpec",
     "load": "kvbench.load.spec:LoadSpec",
+    "serve": "kvbench.bench.serve_spec:ServeSpec",
 }
 DEFAULT_KIND = "suite"  # a spec file without `kind` is a sweep of strategies
 UNMEASURED = ("trials", "warmup", "quick", "description")  # fields that do not change what one point measures

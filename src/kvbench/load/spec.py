@@ -108,17 +108,22 @@ class LoadSpec(RunSpec):
 
     @classmethod
     def _convert(cls, data: dict) -> dict:
-        """Rates as numbers or strings ("inf", "2.5"), an SLO as a mapping or `ttft_ms=200,...`, a workload mapping."""
-        rates = data.get("request_rates")
-        if isinstance(rates, (list, tuple)):
-            data["request_rates"] = [parse_rate(r) if isinstance(r, str) else r for r in rates]
-        if isinstance(data.get("slo"), str):
-            data["slo"] = parse_slo(data["slo"])
-        elif isinstance(data.get("slo"), dict):
-            data["slo"] = parse_slo(",".join(f"{k}={v}" for k, v in data["slo"].items()))
-        if isinstance(data.get("workload"), dict):
-            data["workload"] = WorkloadSpec(**checked_fields(WorkloadSpec, data["workload"], "workload key"))
-        return data
+        return convert_open_loop(data)
+
+
+def convert_open_loop(data: dict) -> dict:
+    """Rates as numbers or strings ("inf", "2.5"), an SLO as a mapping or `ttft_ms=200,...`, a workload mapping
+    (the fields every open-loop kind shares: load and serve)."""
+    rates = data.get("request_rates")
+    if isinstance(rates, (list, tuple)):
+        data["request_rates"] = [parse_rate(r) if isinstance(r, str) else r for r in rates]
+    if isinstance(data.get("slo"), str):
+        data["slo"] = parse_slo(data["slo"])
+    elif isinstance(data.get("slo"), dict):
+        data["slo"] = parse_slo(",".join(f"{k}={v}" for k, v in data["slo"].items()))
+    if isinstance(data.get("workload"), dict):
+        data["workload"] = WorkloadSpec(**checked_fields(WorkloadSpec, data["workload"], "workload key"))
+    return data
 
 
 def check_url(url: str) -> None:

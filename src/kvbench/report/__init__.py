@@ -12,10 +12,10 @@ from pathlib import Path
 from types import ModuleType
 
 from kvbench.errors import KvbenchError
-from kvbench.report import document, load, reuse, suite, traffic
+from kvbench.report import document, load, reuse, serve, suite, traffic
 from kvbench.report.run import Run, read_run
 
-KINDS: dict[str, ModuleType] = {"suite": suite, "reuse": reuse, "traffic": traffic, "load": load}
+KINDS: dict[str, ModuleType] = {"suite": suite, "reuse": reuse, "traffic": traffic, "load": load, "serve": serve}
 
 
 def kind_module(run: Run) -> ModuleType:

@@ -35,6 +35,10 @@ class WorkloadSpec:
     # prompt (synthetic, text slice, needle context), suffix or user turn length; None: text prompts as written
     prompt_tokens: int | None = 128
     output_tokens: int = 64  # max_tokens of every request (sharegpt-lengths draws its own)
+    # synthetic: when set, each request's prompt / output length is drawn uniformly from
+    # [prompt_tokens, max_prompt_tokens] / [output_tokens, max_output_tokens] (seeded per request)
+    max_prompt_tokens: int | None = None
+    max_output_tokens: int | None = None
     prompts: tuple[str, ...] = field(default_factory=lambda: DEFAULT_PROMPTS)  # text, without prompt_tokens
     samples: int = 1  # a suite point's distinct prompts for workloads without an end; trials cycle through them
     corpus: str | None = None  # text file for text slices; default: Python's bundled docs
@@ -64,6 +68,11 @@ class WorkloadSpec:
                 raise KvbenchError(f"workload {name} must be >= 1, got {getattr(self, name)}")
         if self.prompt_tokens is not None and self.prompt_tokens < 1:
             raise KvbenchError(f"workload prompt_tokens must be >= 1, got {self.prompt_tokens}")
+        for low, high in (("prompt_tokens", "max_prompt_tokens"), ("output_tokens", "max_output_tokens")):
+            lo, hi = getattr(self, low), getattr(self, high)
+            if hi is not None and (lo is None or hi < lo):
+                raise KvbenchError(f"workload {high} must be >= {low} (lengths are drawn from [{low}, {high}]), "
+                                   f"got {hi} with {low} {lo}")
 
     @property
     def family(self) -> str:
