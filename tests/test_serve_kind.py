@@ -152,8 +152,8 @@ def _dry_run_error(tmp_path, capsys, engines) -> str:
 
 def test_bad_engine_fields_give_one_line_naming_the_valid_ones(tmp_path, capsys):
     err = _dry_run_error(tmp_path, capsys, [{"kv_backnd": "paged"}])
-    assert "unknown engine key(s) kv_backnd; valid: admission, block_size, chunked_prefill" in err
-    assert "kv_backend must be one of paged, contiguous, got 'slab'" in _dry_run_error(
+    assert "unknown engine key(s) kv_backnd; valid: admission, batching, block_size, chunked_prefill" in err
+    assert "kv_backend must be one of paged, contiguous, per_seq, got 'slab'" in _dry_run_error(
         tmp_path, capsys, [{"kv_backend": "slab"}])
     assert "engine key max_num_seqs must be a whole number, got '8'" in _dry_run_error(
         tmp_path, capsys, [{"max_num_seqs": "8"}])
