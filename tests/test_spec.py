@@ -65,6 +65,17 @@ def test_digest_ignores_trial_count_but_not_axes():
     assert a.digest() != a.resolved(prompt_tokens=[16]).digest()
 
 
+def test_digest_leaves_out_unset_fields_at_any_depth():
+    """An optional field that a later kvbench adds (None by default) keeps earlier runs resumable."""
+    from kvbench.bench.spec import _without_unset
+
+    assert _without_unset({"a": 1, "b": None, "c": {"d": None, "e": [{"f": None, "g": 2}]}}) == \
+        {"a": 1, "c": {"e": [{"g": 2}]}}
+    spec = spec_from_dict({"kind": "serve", "name": "x", "engines": [{"max_num_seqs": 2}]})
+    assert spec.workload.max_prompt_tokens is None
+    assert spec.digest() != spec.resolved(workload={**spec.to_dict()["workload"], "max_prompt_tokens": 4096}).digest()
+
+
 def test_strategy_entries_with_parameters():
     from kvbench.bench.suite import parse_strategy
 

@@ -91,9 +91,19 @@ class RunSpec:
         return type(self).from_dict(data)
 
     def digest(self) -> str:
-        """Identity of what is measured (not of how many trials), to refuse resuming a different run."""
-        d = {k: v for k, v in self.to_dict().items() if k not in UNMEASURED}
+        """Identity of what is measured (not of how many trials), to refuse resuming a different run. Unset
+        (None) values are left out at every depth, so an optional field added by a later kvbench does not
+        turn every earlier run into "a different run"."""
+        d = _without_unset({k: v for k, v in self.to_dict().items() if k not in UNMEASURED})
         return hashlib.blake2b(json.dumps(d, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
+
+
+def _without_unset(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_unset(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_unset(v) for v in value]
+    return value
 
 
 def _plain(value: Any) -> Any:
