@@ -60,6 +60,20 @@ def test_resume_refuses_a_different_sweep(tiny_suite, tmp_path, tiny):
         _run(spec.resolved(prompt_tokens=[8]), tmp_path / "out", tiny, resume=True)
 
 
+def test_resume_reads_the_stored_spec_when_its_digest_came_from_an_older_formula(tiny_suite, tmp_path, tiny):
+    spec = load_spec(str(tiny_suite)).resolved(trials=1)
+    out = tmp_path / "out"
+    _run(spec, out, tiny)
+    info = json.loads((out / "run.json").read_text())
+    info["spec_digest"] = "0" * 16  # what an older kvbench computed for the same spec
+    (out / "run.json").write_text(json.dumps(info))
+    assert _run(spec.resolved(trials=2), out, tiny, resume=True).skipped > 0
+    info["spec"]["prompt_tokens"] = [8]
+    (out / "run.json").write_text(json.dumps({**info, "spec_digest": "0" * 16}))
+    with pytest.raises(KvbenchError, match="different sweep"):
+        _run(spec.resolved(trials=2), out, tiny, resume=True)
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("git_commit", "0" * 40, rf"different kvbench commit \({'0' * 40}, now "),
     ("kvbench", "0.0.1", r"different kvbench version \(0.0.1, now "),

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvbench.bench.records import RESULTS, read_records, read_run_info, repair, run_kind
+from kvbench.bench.spec import RunSpec, spec_from_dict
 from kvbench.errors import KvbenchError
 
 COMPARED = {"kvbench": "kvbench version", "git_commit": "kvbench commit", "torch": "torch", "transformers": "transformers",
@@ -26,7 +27,7 @@ class Existing:
     info: dict  # OUT's run.json as the earlier parts left it ({} for a new run)
 
 
-def start(out: Path, kind: str, resume: bool, repair_first: bool, digest: str, environment: dict) -> Existing:
+def start(out: Path, kind: str, resume: bool, repair_first: bool, spec: RunSpec, environment: dict) -> Existing:
     """What OUT already holds; refuses existing results without --resume, a resume into another `kind` of run
     ("suite", "reuse", "traffic", "load"), and a resume that would measure something else (module docstring)."""
     results = out / RESULTS
@@ -43,7 +44,7 @@ def start(out: Path, kind: str, resume: bool, repair_first: bool, digest: str, e
     records = read_records(results)
     info = read_run_info(out)
     differences = []
-    if info.get("spec_digest") not in (None, digest):
+    if info.get("spec_digest") not in (None, spec.digest()) and not _same_spec(info.get("spec"), spec):
         differences.append("sweep (the spec or the flags changed)")
     before = info.get("environment", {})
     differences += [f"{label} ({before[key]}, now {environment.get(key)})" for key, label in COMPARED.items()
@@ -52,6 +53,15 @@ def start(out: Path, kind: str, resume: bool, repair_first: bool, digest: str, e
         raise KvbenchError(f"{out} holds results of a different {'; '.join(differences)}; resume with the same ones, "
                            "or choose another --out")
     return Existing(records, info)
+
+
+def _same_spec(earlier: dict | None, spec: RunSpec) -> bool:
+    """Whether the spec an earlier part stored, read by this kvbench, measures what `spec` does (the stored
+    digest may come from an older digest formula or from fields an older kvbench did not have)."""
+    try:
+        return earlier is not None and spec_from_dict(earlier).digest() == spec.digest()
+    except KvbenchError:
+        return False
 
 
 def check_model(out: Path, existing: Existing, name: str, fingerprint: str) -> None:

@@ -94,7 +94,7 @@ def run(spec: RunSpec, options: RunOptions, session: Session | None = None) -> R
 
 def _run(spec: RunSpec, options: RunOptions, session: Session, out: Path) -> RunOutcome:
     environment = session.environment()
-    existing = provenance.start(out, spec.kind, options.resume, options.repair, spec.digest(), environment)
+    existing = provenance.start(out, spec.kind, options.resume, options.repair, spec, environment)
     points = spec.points()
     sizes = {p.key: session.records_per(p) for p in points}
     records = drop_cut(out / RESULTS, existing.records, sizes)
