@@ -19,6 +19,7 @@ from kvbench.load.arrivals import Arrivals
 from kvbench.load.spec import LoadSpec
 from kvbench.load.stream import Trace
 from kvbench.report import write_report
+from kvbench.serve.config import DEFAULT_KV_CACHE_MEMORY
 from kvbench.serve.engine import StepStats
 from kvbench.workloads import Request
 
@@ -179,3 +180,26 @@ def test_every_serving_suite_parses_and_lists_its_points(name, quick, capsys):
     assert [line.strip() for line in printed[1:]] == [p.key for p in spec.points()]
     for engine in spec.engines:
         engine.config  # every variant is a valid EngineConfig
+
+
+def test_per_seq_and_swap_engines_run_through_the_serve_kind(tmp_path, tiny):
+    """Every EngineConfig field passes through: a per_seq strategy engine, and swap preemption under a pool
+    too small for the requests at once (its swaps land in the records and the report)."""
+    spec = ServeSpec.from_dict({**SPEC, "request_rates": ["inf"], "engines": [
+        {"label": "seq", "kv_backend": "per_seq", "strategy": "dynamic", "max_num_seqs": 3},
+        {"label": "swap", "preemption": "swap", "num_blocks": 7, "block_size": 8, "max_num_seqs": 4}]})
+    out = tmp_path / "out"
+    assert _run(spec, out, tiny).measured == 2
+    records = read_records(out / "results.jsonl")
+    assert {r["kv_backend"] for r in records} == {"per_seq", "paged"}
+    assert all(r["status"] == "ok" and r["output_tokens"] == r["max_tokens"] for r in records)
+    swapped = [r for r in records if r["engine"] == "swap"]
+    assert sum(r["swaps"] for r in swapped) > 0
+    steps = [s for s in read_steps(out / STEPS) if s["engine"] == "swap"]
+    assert sum(r["bytes_swapped"] for r in swapped) == sum(s["bytes_swapped"] for s in steps) > 0
+    write_report(out)
+    summary = json.loads((out / "summary.json").read_text())["points"]
+    assert summary["swap@inf"]["bytes_swapped"] == sum(s["bytes_swapped"] for s in steps)
+    assert summary["seq@inf"]["swaps"] == 0
+    assert json.loads((out / "run.json").read_text())["points"]["seq@inf"]["kv_pool_bytes"] == \
+        DEFAULT_KV_CACHE_MEMORY // tiny.kv_bytes_per_token * tiny.kv_bytes_per_token

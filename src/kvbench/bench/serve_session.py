@@ -102,8 +102,9 @@ class ServeSession:
         for record in records:
             emit(record)
         pool = engine.kv.pool
-        return {"requests": len(records), "kv_pool_bytes": engine.kv.store.nbytes, "kv_pool_blocks": pool.num_blocks,
-                "block_size": pool.block_size, "max_model_len": engine.kv.max_model_len}
+        return {"requests": len(records), "kv_pool_bytes": pool.num_blocks * pool.block_size * pool.token_bytes,
+                "kv_pool_blocks": pool.num_blocks, "block_size": pool.block_size,
+                "max_model_len": engine.kv.max_model_len}
 
     def _requests(self) -> list[Request]:
         tok, spec = for_model(self.lm), self.spec
@@ -150,7 +151,8 @@ def request_record(request, planned: Planned, t0: float, started: StepStarts) ->
         "usage_source": "engine", "output_tokens_by": "engine",
         "status": "ok" if request.finish_reason in (FinishReason.STOP, FinishReason.LENGTH) else "aborted",
         "error": None, "finish_reason": request.finish_reason.value, "preemptions": request.preemptions,
-        "preempted_tokens": request.preempted_tokens,
+        "preempted_tokens": request.preempted_tokens, "swaps": request.swaps, "swap_refused": request.swap_refused,
+        "bytes_swapped": request.bytes_swapped,
         "prefix_id": req.prefix_id, "shared_prefix": req.shared_prefix, "turn": req.turn, "time": time.time(),
     }
 

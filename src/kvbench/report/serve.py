@@ -36,6 +36,8 @@ def trial_stats(records: list[dict], steps: list[dict], slo: dict[str, float] | 
            "output_throughput": tp.output_token_throughput, "request_throughput": tp.request_throughput,
            "total_token_throughput": tp.total_token_throughput, "goodput": tp.goodput,
            "preemptions": sum(r.get("preemptions", 0) for r in records),
+           "swaps": sum(r.get("swaps", 0) for r in records),
+           "bytes_swapped": sum(s.get("bytes_swapped", 0) for s in steps),
            "peak_running": max((s["num_running"] for s in steps), default=None),
            "kv_reserved_bytes": max((s["kv_bytes_reserved"] for s in steps), default=None),
            "kv_used_bytes": max((s["kv_bytes_used"] for s in steps), default=None),
@@ -147,15 +149,18 @@ def _throughput(points: dict[str, dict]) -> Section:
 
 def _kv(points: dict[str, dict], run_points: dict[str, dict]) -> Section:
     header = ("point", "peak running", "KV reserved peak MiB", "KV used peak MiB", "reserved / used", "pool MiB",
-              "preemptions")
+              "preemptions", "swaps", "swapped MiB")
     mib = lambda x: None if x is None else x / 2**20  # noqa: E731
     rows = [(key, _spread(p, "peak_running", 1), num(mib(p["kv_reserved_bytes"])), num(mib(p["kv_used_bytes"])),
              num(p["kv_reserved_over_used"], 3), num(mib(run_points.get(key, {}).get("kv_pool_bytes"))),
-             _spread(p, "preemptions", 1)) for key, p in points.items()]
+             _spread(p, "preemptions", 1), _spread(p, "swaps", 1), num(mib(p.get("bytes_swapped"))))
+            for key, p in points.items()]
     return Section("Batch and KV memory per point", tuple(table(header, rows)),
                    intro="From steps.jsonl. Used: bytes of the token slots holding computed KV; reserved: blocks held "
                          "or promised (a contiguous slab reserves max_model_len tokens). reserved / used: summed over "
-                         "every step.")
+                         "every step. Preemptions count recompute and swap alike; swaps: those that copied the request's blocks to the "
+                         "host tier and back (swapped MiB: out + in; on a CPU a host-to-host copy, so bytes are "
+                         "exact and time is not a GPU's PCIe transfer).")
 
 
 def _classes(points: dict[str, dict]) -> Section:
