@@ -187,9 +187,9 @@ class ReuseSession(_SequenceSession):
             cache = _cache(self.lm, self.spec, point.mode, disk_dir if point.tier == "disk" else None)
             records = []
             for i, request in enumerate(requests):
+                candidate = self._teacher_forced((point.workload, trial, i), request, cache)  # may promote to RAM
                 if point.tier == "disk":
-                    cache.clear_ram()  # every hit then comes from disk
-                candidate = self._teacher_forced((point.workload, trial, i), request, cache)
+                    cache.clear_ram()  # every timed hit then comes from disk
                 result = generate(self.lm, self.dynamic, [request.ids], self.config, reuse=cache)
                 record = self._record(point, trial, i, request, result, candidate)
                 if point.mode == "prefix" and result.reuse.cached_tokens:
