@@ -92,6 +92,8 @@ def test_synthetic_lengths_drawn_uniformly_where_a_max_is_set():
     assert {r.max_tokens for r in fixed_output} == {16} and len({len(r.ids) for r in fixed_output}) > 1
     with pytest.raises(KvbenchError, match="max_prompt_tokens must be >= prompt_tokens"):
         WorkloadSpec(prompt_tokens=64, max_prompt_tokens=32)
+    with pytest.raises(KvbenchError, match="synthetic workloads only, not of 'needle'"):
+        WorkloadSpec(kind="needle", prompt_tokens=64, max_prompt_tokens=128)
     with pytest.raises(KvbenchError, match="max_output_tokens must be >= output_tokens"):
         WorkloadSpec(output_tokens=64, max_output_tokens=8)
 

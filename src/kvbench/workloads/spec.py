@@ -70,6 +70,9 @@ class WorkloadSpec:
             raise KvbenchError(f"workload prompt_tokens must be >= 1, got {self.prompt_tokens}")
         for low, high in (("prompt_tokens", "max_prompt_tokens"), ("output_tokens", "max_output_tokens")):
             lo, hi = getattr(self, low), getattr(self, high)
+            if hi is not None and self.family != "synthetic":
+                raise KvbenchError(f"workload {high} draws lengths of synthetic workloads only, not of {self.kind!r}; "
+                                   "drop it or use kind: synthetic")
             if hi is not None and (lo is None or hi < lo):
                 raise KvbenchError(f"workload {high} must be >= {low} (lengths are drawn from [{low}, {high}]), "
                                    f"got {hi} with {low} {lo}")
