@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kvbench.errors import KvbenchError
 from kvbench.workloads.corpus import Corpus
 
 KINDS = ("prose", "records", "code", "rag")
@@ -131,6 +132,9 @@ def _records(size: int, corpus: Corpus, rng: np.random.Generator) -> tuple[list[
     records at four spread depths."""
     ids, lines, seen = corpus.encode("Records (id | name | city | balance):\n"), [], set()
     while len(ids) < size:
+        if len(seen) == 9000:
+            raise KvbenchError(f"a records document of {size} tokens needs more than the 9000 record ids; use at most "
+                               "about 100000 tokens")
         number = int(rng.integers(1000, 10_000))
         if number in seen:
             continue
@@ -139,6 +143,9 @@ def _records(size: int, corpus: Corpus, rng: np.random.Generator) -> tuple[list[
                   str(rng.integers(10_000, 100_000)))
         lines.append(record)
         ids += corpus.encode(" | ".join(record) + "\n")
+    if len(lines) - len(lines) // 10 < FACTS:
+        raise KvbenchError(f"a records document of {size} tokens holds too few records for {FACTS} questions; "
+                           "use at least 100 tokens")
     picks = sorted(rng.choice(np.arange(len(lines) // 10, len(lines)), size=FACTS, replace=False).tolist())
     facts = [Fact("", f"What is the balance of record {lines[p][0]}?", lines[p][3]) for p in picks]
     return ids, facts
