@@ -164,6 +164,36 @@ def test_stop_abort_timeline_and_stats(tiny):
     assert tiny.config._attn_implementation == "sdpa"
 
 
+def test_first_scheduled_is_the_start_of_the_step_that_first_ran_it(tiny):
+    engine = Engine(tiny, EngineConfig(num_blocks=64))
+    request = engine.requests[engine.add_request(_prompts()[0], GREEDY)]
+    engine.step()  # the whole 3-token prompt and the first token
+    (step,) = engine.step_log
+    sampled = step.t_s - step.update_ms / 1e3
+    assert request.timeline.first_token_s == pytest.approx(sampled, abs=1e-9)
+    assert request.timeline.first_scheduled_s == pytest.approx(step.t_s - step.step_ms / 1e3, abs=1e-9)
+    assert request.timeline.first_scheduled_s < sampled - (step.forward_ms + step.sample_ms) / 1e3 + 1e-9
+
+
+def test_forget_drops_finished_requests_and_ids_are_never_reused(tiny):
+    engine = Engine(tiny, EngineConfig(num_blocks=64), step_log_limit=2)
+    first, running = engine.add_request(_prompts()[0], GREEDY), engine.add_request(_prompts()[1], GREEDY)
+    with pytest.raises(KvbenchError, match="has not finished; abort it") as error:
+        engine.forget(running)
+    assert "\n" not in str(error.value)
+    engine.run_until_idle()
+    engine.forget(first)
+    engine.forget(running)
+    assert not engine.requests and not engine._samplers
+    again = engine.add_request(_prompts()[0], GREEDY)
+    assert again not in (first, running)
+    engine.run_until_idle()
+    assert engine.requests[again].output_ids == _reference(tiny, _prompts()[0])
+    assert len(engine.step_log) == 2 and [s.step for s in engine.step_log] == [engine.num_steps - 2, engine.num_steps - 1]
+    with pytest.raises(KvbenchError, match=f"no request {first}"):
+        engine.abort(first)
+
+
 def test_requests_that_can_never_run_are_refused(tiny):
     engine = Engine(tiny, EngineConfig(block_size=16, num_blocks=4))
     with pytest.raises(KvbenchError, match="needs 5 KV blocks but the pool has 4") as error:

@@ -47,9 +47,9 @@ def tinytok():
 
 
 @contextlib.contextmanager
-def serving(lm, config=CONFIG, **server):
+def serving(lm, config=CONFIG, step_log_limit=None, **server):
     """(server, engine, API root) of a server on a free port, its loop in a background thread."""
-    engine = Engine(lm, config)
+    engine = Engine(lm, config, step_log_limit)
     srv = Server(engine, ServerConfig("m", port=0, **server))
     loop = asyncio.new_event_loop()
     ready = threading.Event()
@@ -69,6 +69,18 @@ def serving(lm, config=CONFIG, **server):
         loop.call_soon_threadsafe(srv.stop)
         thread.join(30)
         assert not thread.is_alive()
+
+
+def kept(engine) -> dict:
+    """The requests the server makes its engine forget once answered, kept here for the test to read."""
+    requests, forget = {}, engine.forget
+
+    def keeping(request_id):
+        requests[request_id] = engine.requests[request_id]
+        forget(request_id)
+
+    engine.forget = keeping
+    return requests
 
 
 def body(prompt, **kw):
@@ -130,8 +142,9 @@ def test_no_prefix_caching_reports_no_cached_tokens(tiny):
 def test_text_chat_and_stop_strings_with_a_real_tokenizer(tinytok):
     tok = tinytok.tokenizer
     with serving(tinytok) as (_, engine, url), httpx.Client(timeout=30) as client:
+        requests = kept(engine)
         text = client.post(f"{url}/completions", json=body("The cache holds keys", max_tokens=12)).json()
-        request = engine.requests[0]
+        request = requests[0]
         assert request.prompt_ids == tinytok.encode("The cache holds keys", chat=False)
         assert text["choices"][0]["text"] == tok.decode(request.output_ids, skip_special_tokens=True).rstrip("\ufffd")
         messages = [{"role": "user", "content": "Hi there"}]
@@ -139,7 +152,7 @@ def test_text_chat_and_stop_strings_with_a_real_tokenizer(tinytok):
                                                             "temperature": 0, "ignore_eos": True})
         assert chat[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
         assert chat[0]["object"] == "chat.completion.chunk" and chat[-1] == "[DONE]"
-        assert engine.requests[1].prompt_ids == tinytok.encode("Hi there", chat=True)
+        assert requests[1].prompt_ids == tinytok.encode("Hi there", chat=True)
         assert chat[-2]["choices"][0]["finish_reason"] == "length"
         full = text["choices"][0]["text"]
         stop = full[len(full) // 2:][:3]
@@ -188,6 +201,7 @@ def _wait(predicate, timeout_s=20.0):
 def test_full_waiting_queue_is_a_503_and_a_disconnect_frees_the_blocks(tiny):
     config = dataclasses.replace(CONFIG, max_num_seqs=1)
     with serving(tiny, config, max_waiting=1) as (srv, engine, url), httpx.Client(timeout=30) as client:
+        requests = kept(engine)
         long = body(PROMPTS[2], max_tokens=800)
         with client.stream("POST", f"{url}/completions", json={**long, "stream": True}) as running:
             lines = running.iter_lines()
@@ -201,10 +215,10 @@ def test_full_waiting_queue_is_a_503_and_a_disconnect_frees_the_blocks(tiny):
                 assert refused.json()["error"]["type"] == "ServiceUnavailableError"
                 running.close()  # the client goes away mid-stream
                 waiting.join(30)
-        _wait(lambda: not engine.has_work())
-        assert engine.requests[0].finish_reason is FinishReason.ABORT
-        assert len(engine.requests[0].output_ids) < 800
-        assert engine.requests[1].finish_reason is FinishReason.LENGTH
+        _wait(lambda: len(requests) == 2)
+        assert requests[0].finish_reason is FinishReason.ABORT
+        assert len(requests[0].output_ids) < 800
+        assert requests[1].finish_reason is FinishReason.LENGTH and not engine.requests
         usage = engine.kv.pool.usage()
         assert usage.used == 0 and usage.promised == 0
         engine.kv.pool.check()
@@ -228,6 +242,50 @@ def test_an_engine_failure_mid_stream_is_an_error_event_then_done(tiny, monkeypa
     assert "RuntimeError: boom" in capsys.readouterr().err  # the traceback is logged
 
 
+def test_an_engine_command_that_raises_fails_its_request_and_the_thread_serves_on(tiny, monkeypatch, capsys):
+    with serving(tiny) as (srv, engine, url), httpx.Client(timeout=30) as client:
+        def broken(*args):
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(engine, "add_request", broken)
+        response = client.post(f"{url}/completions", json=body([1, 2]))
+        assert response.status_code == 500 and "RuntimeError: boom" in response.json()["error"]["message"]
+        monkeypatch.undo()
+        monkeypatch.setattr(srv.metrics, "on_state", broken)  # the gauges, after every command and step
+        assert client.post(f"{url}/completions", json=body([1, 2])).json()["choices"][0]["finish_reason"] == "length"
+    assert "RuntimeError: boom" in capsys.readouterr().err
+
+
+def test_a_prompt_the_per_seq_strategy_refuses_is_a_400(tiny):
+    config = EngineConfig(kv_backend="per_seq", strategy="h2o:budget=0.5:window=4")
+    with serving(tiny, config) as (_, _, url), httpx.Client(timeout=30) as client:
+        response = client.post(f"{url}/completions", json=body(list(range(6))))
+        assert response.status_code == 400 and "keeps 3 of a 6-token prompt" in response.json()["error"]["message"]
+        assert client.post(f"{url}/completions", json=body(list(range(16)))).status_code == 200
+
+
+def test_a_stop_string_on_the_last_token_is_counted_as_stop(tiny):
+    with serving(tiny) as (_, _, url), httpx.Client(timeout=30) as client:
+        whole = client.post(f"{url}/completions", json=body([1, 2, 3], max_tokens=4)).json()["choices"][0]["text"]
+        cut = client.post(f"{url}/completions", json=body([1, 2, 3], max_tokens=4, stop=[whole])).json()
+        assert cut["choices"][0] == {**cut["choices"][0], "text": "", "finish_reason": "stop"}
+        lines = client.get(url.removesuffix("/v1") + "/metrics").text.splitlines()
+    success = 'vllm:request_success_total{engine="0",finished_reason="%s",model_name="m"} 1.0'
+    assert success % "length" in lines and success % "stop" in lines  # one each: the engine said length twice
+
+
+def test_a_serving_engine_forgets_answered_requests_and_keeps_its_last_steps(tiny):
+    with serving(tiny, step_log_limit=3) as (_, engine, url), httpx.Client(timeout=30) as client:
+        for prompt in PROMPTS * 2:
+            assert client.post(f"{url}/completions", json=body(prompt)).status_code == 200
+        stopped = events(client, f"{url}/completions", {**body(PROMPTS[0], max_tokens=50), "stream": True, "stop": [" "]})
+        assert stopped[-2]["choices"][0]["finish_reason"] == "stop"
+        _wait(lambda: not engine.requests)
+        steps, _ = parse_metrics(client.get(url.removesuffix("/v1") + "/metrics").text)
+    assert len(engine.step_log) == 3 and [s.step for s in engine.step_log][-1] == engine.num_steps - 1
+    assert steps["kvbench:engine_steps_total"] == engine.num_steps > 3
+
+
 def test_serve_flags_are_engine_config_fields(capsys):
     from kvbench.cli import build_parser
     from kvbench.serve.launch import engine_config
@@ -239,6 +297,8 @@ def test_serve_flags_are_engine_config_fields(capsys):
     assert engine_config(given) == EngineConfig(max_num_seqs=4, enable_prefix_caching=False, chunked_prefill=False,
                                                 kv_cache_memory=64 * 2**20, kv_backend="contiguous",
                                                 admission="reserve", max_model_len=512)
+    assert engine_config(parse(["serve", "--swap-space", "4GiB", "--preemption", "swap"])) == EngineConfig(
+        swap_space=4 * 2**30, preemption="swap")
     assert main(["serve", "--kv-backend", "nope"]) == 2  # refused before any model loads, with the valid values
     assert "kv_backend must be one of paged" in capsys.readouterr().err
 
@@ -266,12 +326,13 @@ def test_metrics_parse_and_counters_grow(tiny):
 
 def test_kvbench_load_against_kvbench_serve(tinytok, tmp_path):
     with serving(tinytok) as (_, engine, url):
+        requests = kept(engine)
         code = main(["load", "--url", url, "--tokenizer", "smollm2-135m", "--num-requests", "6", "--prompt-tokens", "24",
                      "--output-tokens", "5", "--ignore-eos", "--out", str(tmp_path), "--no-progress"])
     assert code == 0
     records = [r for r in read_records(tmp_path / "results.jsonl") if not r.get("warmup")]
     assert len(records) == 6 and {r["status"] for r in records} == {"ok"}
-    served = [engine.requests[i] for i in sorted(engine.requests)][-6:]  # after the client's probe of the server
+    served = [requests[i] for i in sorted(requests)][-6:]  # after the client's probe of the server
     assert sorted(r["prompt_tokens"] for r in records) == sorted(len(r.prompt_ids) for r in served)
     assert sorted(r["output_tokens"] for r in records) == sorted(len(r.output_ids) for r in served) == [5] * 6
     assert {r["usage_source"] for r in records} == {"server"}

@@ -9,7 +9,6 @@ engine shows in TTFT and E2E. Every request of every point is the same: prompts 
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import time
 from dataclasses import asdict
@@ -127,8 +126,7 @@ class ServeSession:
         base = {"point": point.key, "trial": trial, "warmup": warmup, **point.fields()}
         if not warmup:
             append_steps(self.options.out / STEPS, ({**base, **step_record(s, t0)} for s in engine.step_log))
-        started = StepStarts(engine.step_log)
-        records = [{**base, **request_record(engine.requests[i], p, t0, started)} for i, p in zip(ids, plan)]
+        records = [{**base, **request_record(engine.requests[i], p, t0)} for i, p in zip(ids, plan)]
         return engine, records
 
 
@@ -136,12 +134,12 @@ def step_record(step: StepStats, t0: float) -> dict:
     return {**asdict(step), "t_s": step.t_s - t0, "step_ms": step.step_ms}
 
 
-def request_record(request, planned: Planned, t0: float, started: StepStarts) -> dict:
+def request_record(request, planned: Planned, t0: float) -> dict:
     """A `kvbench load` record (`load.stream.Trace.record`'s fields) from the request's timeline, with the engine's
     queue_ms (scheduled arrival -> start of the step that first ran it) and prefill_ms (that -> first token)."""
     line = request.timeline
     timing = request_timing(line.token_s, start_s=line.arrival_s, end_s=line.end_s, scheduled_s=line.arrival_s,
-                            first_scheduled_s=started(line.first_scheduled_s))
+                            first_scheduled_s=line.first_scheduled_s)
     req = planned.request
     return {
         "index": planned.index, "stream": planned.stream, "scheduled_s": planned.offset_s, "sent_s": planned.offset_s,
@@ -155,18 +153,6 @@ def request_record(request, planned: Planned, t0: float, started: StepStarts) ->
         "bytes_swapped": request.bytes_swapped,
         "prefix_id": req.prefix_id, "shared_prefix": req.shared_prefix, "turn": req.turn, "time": time.time(),
     }
-
-
-class StepStarts:
-    """Engine-clock start of the step during which a time was stamped. The engine stamps a request's
-    `first_scheduled_s` after that step's forward and sampling; the step's start is when it was scheduled."""
-
-    def __init__(self, steps: list[StepStats]):
-        self.steps, self.ends = steps, [s.t_s for s in steps]
-
-    def __call__(self, stamped_s: float) -> float:
-        step = self.steps[bisect.bisect_left(self.ends, stamped_s)]
-        return step.t_s - step.step_ms / 1e3
 
 
 def pool_bytes_bound(config: EngineConfig, lm: LoadedModel) -> int:

@@ -22,10 +22,9 @@ from kvbench.fields import checked_fields
 from kvbench.load.arrivals import Arrivals, parse_rate
 from kvbench.load.spec import DEFAULT_REQUESTS, convert_open_loop, rate_label
 from kvbench.models import EMBEDDED
-from kvbench.serve.config import DEFAULT_KV_CACHE_MEMORY, EngineConfig
+from kvbench.serve.config import BYTE_FIELDS, DEFAULT_KV_CACHE_MEMORY, EngineConfig
 from kvbench.workloads import WorkloadSpec
 
-BYTE_FIELDS = ("kv_cache_memory", "swap_space")  # engine fields that take a size such as 256MiB
 MAIN_STREAM = "main"
 
 

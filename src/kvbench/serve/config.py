@@ -11,6 +11,7 @@ ADMISSIONS = ("optimistic", "reserve")
 PREEMPTIONS = ("recompute", "swap")
 BATCHINGS = ("continuous", "static")
 DEFAULT_KV_CACHE_MEMORY = 256 * 2**20  # bytes; stands in for "GPU memory left for KV" on a CPU
+BYTE_FIELDS = ("kv_cache_memory", "swap_space")  # fields that hold bytes: specs and flags take sizes such as 256MiB
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,9 @@ reading after a device synchronisation) and the pool's exact state after it.
 from __future__ import annotations
 
 import bisect
+import collections
 import dataclasses
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -57,9 +59,12 @@ class StepStats:
 
 
 class Engine:
-    """`Engine(lm, config)`: add requests, call `step()` until `has_work()` is False (or `generate()`)."""
+    """`Engine(lm, config)`: add requests, call `step()` until `has_work()` is False (or `generate()`).
 
-    def __init__(self, lm, config: EngineConfig = EngineConfig()):
+    `requests` holds every request until `forget` drops a finished one (a server forgets each once answered);
+    `step_log` holds every step's `StepStats`, or the last `step_log_limit` of them (a long-running server)."""
+
+    def __init__(self, lm, config: EngineConfig = EngineConfig(), step_log_limit: int | None = None):
         check_servable(lm)
         self.lm, self.config = lm, config
         self.kv = make_kv(lm, config)
@@ -69,7 +74,10 @@ class Engine:
         self.scheduler = Scheduler(dataclasses.replace(config, chunked_prefill=chunked), self.kv.pool,
                                    self.kv.max_model_len, self.host)
         self.requests: dict[int, Request] = {}
-        self.step_log: list[StepStats] = []
+        self.step_log: list[StepStats] | collections.deque[StepStats] = (
+            [] if step_log_limit is None else collections.deque(maxlen=step_log_limit))
+        self.num_steps = 0  # steps logged so far, whatever step_log keeps
+        self._ids = itertools.count()
         self._arrivals: list[Request] = []  # added, not yet arrived (engine clock); sorted by arrival
         self._samplers: dict[int, Sampler] = {}
         self._eos = set(lm.eos_token_ids)
@@ -81,11 +89,8 @@ class Engine:
                     arrival_s: float | None = None) -> int:
         """Queue a request; it joins the running batch at the first step at or after `arrival_s`
         (engine clock, `Engine.now()`; default now). Returns its id."""
-        check_prompts(self.lm, [prompt_ids], sampling.max_tokens)
-        self.scheduler.check_fits(len(prompt_ids), sampling.max_tokens)
-        if self.runner is per_seq:
-            self.kv.store.check(len(prompt_ids), sampling.max_tokens)
-        request_id = len(self.requests)
+        self.check_request(prompt_ids, sampling)
+        request_id = next(self._ids)
         request = Request(request_id, list(prompt_ids), sampling,
                           Timeline(self.now() if arrival_s is None else arrival_s))
         self.requests[request_id] = request
@@ -94,16 +99,34 @@ class Engine:
         bisect.insort(self._arrivals, request, key=lambda r: r.timeline.arrival_s)
         return request_id
 
+    def check_request(self, prompt_ids: list[int], sampling: SamplingParams) -> None:
+        """Refuse (KvbenchError) a request this engine can never serve: too long for the model or the pool,
+        or one its per_seq strategy cannot hold."""
+        check_prompts(self.lm, [prompt_ids], sampling.max_tokens)
+        self.scheduler.check_fits(len(prompt_ids), sampling.max_tokens)
+        if self.runner is per_seq:
+            self.kv.store.check(len(prompt_ids), sampling.max_tokens)
+
     def abort(self, request_id: int) -> None:
-        request = self.requests.get(request_id)
-        if request is None:
-            raise KvbenchError(f"no request {request_id}; ids come from add_request")
+        request = self._request(request_id)
         if request.finished:
             return
         if request in self._arrivals:
             self._arrivals.remove(request)
         self.scheduler.remove(request)
         self._finish(request, FinishReason.ABORT, self.now())
+
+    def forget(self, request_id: int) -> None:
+        """Drop a finished request's `Request` (its sampler went when it finished); its id is never reused."""
+        if not self._request(request_id).finished:
+            raise KvbenchError(f"request {request_id} has not finished; abort it before forgetting it")
+        del self.requests[request_id]
+
+    def _request(self, request_id: int) -> Request:
+        request = self.requests.get(request_id)
+        if request is None:
+            raise KvbenchError(f"no request {request_id}; ids come from add_request (and forget drops finished ones)")
+        return request
 
     def has_work(self) -> bool:
         return bool(self._arrivals) or self.scheduler.has_work()
@@ -124,7 +147,7 @@ class Engine:
         t3 = self.now()
         tokens = runner.sample(logits, inputs.emitting, self._samplers)
         t4 = self.now()
-        outputs = self._update(plan, inputs.emitting, tokens, t4)
+        outputs = self._update(plan, inputs.emitting, tokens, t0, t4)
         self._log(plan, inputs.emitting, (t0, t1, t2, t3, t4, self.now()))
         return outputs
 
@@ -140,11 +163,12 @@ class Engine:
                 time.sleep(max(0.0, self._arrivals[0].timeline.arrival_s - self.now()))
             self.step()
 
-    def _update(self, plan: StepPlan, emitting, tokens: list[int], t: float) -> list[RequestOutput]:
+    def _update(self, plan: StepPlan, emitting, tokens: list[int], start: float, t: float) -> list[RequestOutput]:
+        """Advance the step's requests; `start`: when the step began (scheduling), `t`: when it sampled."""
         for row in plan.rows:
             request = row.request
             if request.timeline.first_scheduled_s is None:
-                request.timeline.first_scheduled_s = t
+                request.timeline.first_scheduled_s = start
             request.num_computed = row.start + row.n
             self.kv.pool.commit(request.request_id, request.tokens, row.start, request.num_computed,
                                 request.block_keys)
@@ -174,7 +198,8 @@ class Engine:
         usage = self.kv.pool.usage()
         ms = [(b - a) * 1e3 for a, b in zip(t, t[1:])]
         self.step_log.append(StepStats(
-            len(self.step_log), t[-1], *ms, len(self.scheduler.running), len(self.scheduler.waiting),
+            self.num_steps, t[-1], *ms, len(self.scheduler.running), len(self.scheduler.waiting),
             plan.num_tokens - decode, decode, len(plan.preempted), usage.used, usage.cached, usage.free,
             usage.promised, usage.bytes_used, usage.bytes_reserved, len(plan.swapped_out), len(plan.swapped_in),
             plan.bytes_swapped))
+        self.num_steps += 1

@@ -14,13 +14,15 @@ import dataclasses
 import sys
 
 from kvbench.bench.preflight import parse_bytes
-from kvbench.serve.config import EngineConfig
+from kvbench.serve.config import BYTE_FIELDS, EngineConfig
 
-PARSERS = {"kv_cache_memory": parse_bytes}  # field -> how to read its flag's value (default: from the field type)
+PARSERS = dict.fromkeys(BYTE_FIELDS, parse_bytes)  # field -> how to read its flag's value (default: the field type)
 FLAG_NAMES = {"enable_prefix_caching": "prefix-caching"}  # field -> flag name, where vLLM's differs from the field
 HELP = {"kv_cache_memory": "the KV pool's size, e.g. 512MiB (default 256MiB)",
         "num_blocks": "the KV pool's size in blocks (wins over --kv-cache-memory)",
+        "swap_space": "the host tier's size for --preemption swap, e.g. 4GiB (default: unlimited)",
         "max_model_len": "default: the model's context window"}  # where "default <value>" does not say it
+STEP_LOG_LIMIT = 1000  # the server's engine keeps its last steps' stats, not every step's
 TYPES = {"int": int, "float": float, "str": str}
 
 
@@ -63,7 +65,7 @@ def main(args: argparse.Namespace) -> int:
     config = engine_config(args)
     server_config = ServerConfig(args.served_model_name or args.model, args.host, args.port, args.max_waiting)
     lm = load_model(args.model, args.device, args.dtype)
-    engine = Engine(lm, config)
+    engine = Engine(lm, config, step_log_limit=STEP_LOG_LIMIT)
     usage = engine.kv.pool.usage()
 
     async def run() -> None:

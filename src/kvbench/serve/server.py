@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from kvbench.engine.sampling import SamplingConfig
-from kvbench.engine.generate import check_prompts
 from kvbench.errors import KvbenchError
 from kvbench.serve.detok import Detokenizer, StopStrings
 from kvbench.serve.engine import Engine
@@ -123,8 +122,7 @@ class Server:
             sampling = SamplingParams(api.max_tokens, SamplingConfig(
                 api.temperature, api.top_k, api.top_p, time.time_ns() % 2**31 if api.seed is None else api.seed),
                 api.ignore_eos)
-            check_prompts(self.lm, [prompt_ids], api.max_tokens)
-            self.engine.scheduler.check_fits(len(prompt_ids), api.max_tokens)
+            self.engine.check_request(prompt_ids, sampling)
         except KvbenchError as exc:
             return await send_json(writer, 400, error_body(str(exc), 400))
         if self._stopping.is_set():
@@ -210,12 +208,13 @@ class Server:
                 text, stopped = stops.feed(detok.push(token))
                 last = out.finished and i == len(out.new_token_ids) - 1
                 counts = (len(stream.prompt_ids), generated, out.num_cached_tokens)
-                if stopped:
-                    self.worker.abort(stream, "stop")
-                    yield text, "stop", counts
-                    return
-                if last:
-                    yield text + stops.flush(), out.finish_reason.value, counts
+                if stopped or last:
+                    finish = "stop" if stopped else out.finish_reason.value
+                    if out.finished:  # counted before the client sees its end, with the reason it sees
+                        self.worker.finished(stream, finish)
+                    else:  # a stop string: the engine thread ends it and counts it as "stop"
+                        self.worker.abort(stream, "stop")
+                    yield text if stopped else text + stops.flush(), finish, counts
                     return
                 yield text, None, counts
 

@@ -4,6 +4,11 @@ The loop side calls `submit` and `abort` (they only queue a command and wake the
 runs every engine call: it applies the queued commands, steps while there is work, and hands each
 step's outputs back to the loop in one `call_soon_threadsafe`, where each request's `Stream` queue
 receives its own. torch releases the GIL inside its ops, so the loop keeps serving during a step.
+
+The engine forgets a request once its end is handed to the loop, so a long-running server holds only
+the requests in flight. Each request's end is counted in the metrics once: by the loop when it reads the
+final output of a request the engine finished (with the finish reason the client gets), else by the thread
+when it aborts the request. An engine call that raises fails only the requests it concerned (500).
 """
 
 from __future__ import annotations
@@ -15,14 +20,13 @@ import threading
 import traceback
 from dataclasses import dataclass, field
 
-from kvbench.errors import KvbenchError
 from kvbench.serve.engine import Engine
 from kvbench.serve.metrics import ServerMetrics
-from kvbench.serve.request import FinishReason, RequestOutput, SamplingParams
+from kvbench.serve.request import FinishReason, Request, RequestOutput, SamplingParams
 
 
 class EngineFailure(Exception):
-    """Why a request ended without finishing: a step raised (500; the engine keeps serving new requests),
+    """Why a request ended without finishing: an engine call raised (500; the engine keeps serving new requests),
     or the server shut down (503)."""
 
     def __init__(self, message: str, status: int = 500):
@@ -39,6 +43,8 @@ class Stream:
     arrival_s: float  # engine clock (perf_counter) when the server received it
     outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
     request_id: int | None = None  # the engine's id, set by the engine thread
+    request: Request | None = None  # the engine's request (set with the id), kept once the engine forgets it
+    counted: bool = False  # its end is in the metrics (see `EngineWorker._count`)
 
 
 class EngineWorker:
@@ -96,57 +102,90 @@ class EngineWorker:
                 break
             if kind == "add":
                 self.taken += 1
-                if self._stop:  # arrived after shutdown began: end it at once
-                    self._deliver([(arg, RequestOutput(-1, [], True, FinishReason.ABORT, 0, 0))])
-                    continue
-                try:
-                    arg.request_id = self.engine.add_request(arg.prompt_ids, arg.sampling, arg.arrival_s)
-                except KvbenchError as exc:  # the server checks requests first, so this is a bug there
-                    self._deliver([(arg, EngineFailure(str(exc)))])
-                    continue
-                self._streams[arg.request_id] = arg
-            elif kind == "abort" and arg[0].request_id in self._streams:
-                self._abort(*arg)
+                self._guarded([arg], self._add, arg)
+            elif kind == "abort":
+                self._guarded([arg[0]], self._abort, *arg)
             elif kind == "stop":
                 self._stop = True
                 if arg:
-                    aborted = [(s, self._abort(s)) for s in list(self._streams.values())]
-                    self._deliver(aborted)
-        self._gauges()
+                    self._guarded(list(self._streams.values()), self._abort_all)
+        self._guarded([], self._gauges)
 
-    def _abort(self, stream: Stream, reason: str = "abort") -> RequestOutput:
+    def _guarded(self, streams: list[Stream], command, *args) -> None:
+        try:
+            command(*args)
+        except Exception as exc:  # a bug in an engine call: fail the requests it concerned, keep the thread up
+            self._fail(streams, exc)
+
+    def _add(self, stream: Stream) -> None:
+        if self._stop:  # arrived after shutdown began: end it at once
+            self._deliver([(stream, RequestOutput(-1, [], True, FinishReason.ABORT, 0, 0))])
+            return
+        stream.request_id = self.engine.add_request(stream.prompt_ids, stream.sampling, stream.arrival_s)
+        stream.request = self.engine.requests[stream.request_id]
+        self._streams[stream.request_id] = stream
+
+    def _abort(self, stream: Stream, reason: str) -> None:
+        if stream.request_id in self._streams:  # the engine still runs it
+            self._end(stream, reason)
+            del self._streams[stream.request_id]
+        elif stream.request is not None:  # the engine finished it; the loop stopped reading before its end
+            self._count(stream, reason)
+
+    def _abort_all(self) -> None:
+        for stream in list(self._streams.values()):
+            self._deliver([(stream, self._end(stream))])
+            del self._streams[stream.request_id]
+
+    def _end(self, stream: Stream, reason: str = "abort") -> RequestOutput:
+        """Abort a request the engine runs, count it, and forget it; the output that tells its stream."""
         self.engine.abort(stream.request_id)
-        del self._streams[stream.request_id]
-        request = self.engine.requests[stream.request_id]
-        self.metrics.on_finished(request, reason)
+        self._count(stream, reason)
+        self.engine.forget(stream.request_id)
+        request = stream.request
         return RequestOutput(request.request_id, [], True, FinishReason.ABORT, len(request.output_ids),
                              request.num_cached or 0)
 
+    def finished(self, stream: Stream, reason: str) -> None:
+        """Loop side, on reading the final output of a request the engine finished: count it as the client got
+        it (`stop` where a stop string matched its last token, which the engine finished for `length`)."""
+        self._count(stream, reason)
+
+    def _count(self, stream: Stream, reason: str) -> None:
+        if not stream.counted:  # once, by the thread that ends the stream's life (the other never sees it end)
+            stream.counted = True
+            self.metrics.on_finished(stream.request, reason)
+
+    def _fail(self, streams: list[Stream], exc: Exception) -> None:
+        """Log the traceback, end `streams`' requests where the engine still can, and answer them with a 500."""
+        traceback.print_exc(file=sys.stderr)
+        failure = EngineFailure(f"the engine failed: {type(exc).__name__}: {exc}")
+        for stream in streams:
+            if self._streams.pop(stream.request_id, None) is not None:
+                try:
+                    self._end(stream)
+                except Exception:  # not even an abort works: the client is answered all the same
+                    traceback.print_exc(file=sys.stderr)
+        self._deliver([(stream, failure) for stream in streams])
+
     def _step(self) -> None:
-        steps = len(self.engine.step_log)
+        steps = self.engine.num_steps
         try:
             outputs = self.engine.step()
         except Exception as exc:  # a bug in a step: fail what is in flight, keep the server up
-            traceback.print_exc(file=sys.stderr)
-            failure = EngineFailure(f"the engine failed: {type(exc).__name__}: {exc}")
-            failed = [(s, failure) for s in self._streams.values()]
-            for stream in list(self._streams.values()):
-                self.engine.abort(stream.request_id)
-                self.metrics.on_finished(self.engine.requests[stream.request_id])
-            self._streams.clear()
-            self._deliver(failed)
+            self._fail(list(self._streams.values()), exc)
             return
         delivered = []
         for out in outputs:
             stream = self._streams[out.request_id]
             delivered.append((stream, out))
-            if out.finished:
+            if out.finished:  # the loop counts it when it reads this output (`finished`)
                 del self._streams[out.request_id]
-                self.metrics.on_finished(self.engine.requests[out.request_id])
-        if len(self.engine.step_log) > steps:  # a step that scheduled nothing logs nothing
+                self.engine.forget(out.request_id)
+        if self.engine.num_steps > steps:  # a step that scheduled nothing logs nothing
             stats = self.engine.step_log[-1]
             self.metrics.on_step(stats.step_ms, len(outputs), stats.preempted)
-        self._gauges()  # before the outputs: a client that saw its answer sees the metrics that include it
+        self._guarded([], self._gauges)  # before the outputs: a client that saw its answer sees them
         self._deliver(delivered)
 
     def _gauges(self) -> None:
