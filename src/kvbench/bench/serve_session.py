@@ -25,6 +25,7 @@ from kvbench.models import LoadedModel, load_model
 from kvbench.serve import Engine, EngineConfig, FinishReason, SamplingParams
 from kvbench.serve.config import DEFAULT_KV_CACHE_MEMORY
 from kvbench.serve.engine import StepStats
+from kvbench.serve.kv import block_tokens
 from kvbench.workloads import Request, build_requests, for_model
 
 WARMUP_CONFIG = EngineConfig(num_blocks=16, max_model_len=256)  # the untimed run before a group's first trial
@@ -160,5 +161,4 @@ def pool_bytes_bound(config: EngineConfig, lm: LoadedModel) -> int:
     kv_cache_memory down to whole blocks)."""
     if config.num_blocks is None:
         return config.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY
-    block_tokens = config.block_size if config.kv_backend == "paged" else config.max_model_len or lm.context_window
-    return config.num_blocks * block_tokens * lm.kv_bytes_per_token
+    return config.num_blocks * block_tokens(config, lm.context_window) * lm.kv_bytes_per_token

@@ -58,6 +58,11 @@ def model_shape(config) -> tuple[int, int, int]:
     return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads, head_dim
 
 
+def block_tokens(config: EngineConfig, context_window: int) -> int:
+    """Tokens per pool block: `block_size` when paged, the whole `max_model_len` slab when contiguous."""
+    return config.block_size if config.kv_backend == "paged" else config.max_model_len or context_window
+
+
 def make_kv(lm, config: EngineConfig) -> KV:
     """Size and allocate the backend `config` asks for, for model `lm`."""
     layers, kv_heads, head_dim = model_shape(lm.config)
@@ -70,7 +75,7 @@ def make_kv(lm, config: EngineConfig) -> KV:
         from kvbench.serve import per_seq
 
         return per_seq.make_kv(lm, config, max_model_len)
-    block_size = config.block_size if config.kv_backend == "paged" else max_model_len
+    block_size = block_tokens(config, lm.context_window)
     if config.num_blocks is not None:
         num_blocks = config.num_blocks
     else:
