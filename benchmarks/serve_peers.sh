@@ -7,8 +7,8 @@
 # Workload: kvbench load's `random` prompts of PROMPT tokens, OUTPUT tokens each; the same prompts for every
 # server (seeded by rate). Phase c16: NUM requests at rate inf, at most 16 in flight. Phase poisson (unless
 # RATE is empty): NUM requests at Poisson RATE req/s, open loop. EOS is ignored where the server takes
-# `ignore_eos` (kvbench); transformers serve rejects the field (422) and llama-cpp-python drops it, so they
-# honour EOS (the records' output token counts say whether any request stopped early).
+# `ignore_eos` (kvbench); transformers serve answers 422 to it (a field outside its schema) and llama-cpp-python's
+# request model lacks it, so those two honour EOS (the records' output token counts say which requests stopped early).
 # Each server gets one warm-up request before its runs, then SIGTERM; its exit status goes to OUT/NAME/exit.
 # Needs `make setup setup-server setup-hfserve`. Run under the CPU lock, nothing else running:
 #   flock /tmp/kvbench-cpu.lock benchmarks/serve_peers.sh benchmarks/recorded/serve-peers
