@@ -18,7 +18,7 @@ PIP := $(PY) -m pip install --disable-pip-version-check $(FIND_LINKS)
 LOWEST_VENV := .venv-lowest
 FAST := -m "not slow and not server"
 
-.PHONY: setup setup-lowest setup-server demo test test-fast test-compat lock clean
+.PHONY: setup setup-lowest setup-server setup-hfserve demo test test-fast test-compat lock clean
 
 setup: $(VENV)/.installed
 
@@ -38,6 +38,18 @@ $(LLAMACPP_VENV)/.installed: Makefile constraints/llamacpp.txt
 	$(PYTHON) -m venv $(LLAMACPP_VENV)
 	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(LLAMACPP_VENV)/bin/python -m pip install -q --disable-pip-version-check \
 		-c constraints/llamacpp.txt "$(LLAMACPP_PIN)"
+	touch $@
+
+# transformers serve (its continuous batching), the peer in benchmarks/serve_peers.sh, in its own venv so that
+# its serving extras (fastapi, uvicorn, openai) never touch kvbench's.
+HFSERVE_VENV := .venv-hfserve
+
+setup-hfserve: $(HFSERVE_VENV)/.installed
+
+$(HFSERVE_VENV)/.installed: Makefile constraints/hfserve.txt
+	$(PYTHON) -m venv $(HFSERVE_VENV)
+	$(HFSERVE_VENV)/bin/python -m pip install -q --disable-pip-version-check $(FIND_LINKS) -c constraints/hfserve.txt \
+		"$(TORCH_PIN)" "transformers[serving]"
 	touch $@
 
 $(VENV)/.installed: pyproject.toml Makefile $(LOCK)
@@ -76,4 +88,4 @@ lock: setup setup-lowest setup-server
 		rm constraints/$$2.txt.frozen; mv constraints/$$2.txt.new constraints/$$2.txt; done
 
 clean:
-	rm -rf $(VENV) $(LOWEST_VENV) $(LLAMACPP_VENV) results
+	rm -rf $(VENV) $(LOWEST_VENV) $(LLAMACPP_VENV) $(HFSERVE_VENV) results

@@ -384,6 +384,16 @@ def test_detokenizer_is_incremental_and_matches_a_whole_decode():
     assert len(ids) > 300 and max(windows) <= 10  # each step decodes a few tokens, never the whole output
 
 
+def test_detokenizer_flush_releases_a_trailing_replacement_character():
+    tok = load_tokenizer("smollm2-135m")
+    ids = tok.encode("Done: \ufffd\ufffd", add_special_tokens=False)  # U+FFFD is a token of its own here
+    detok = Detokenizer(tok, tok.encode("Say:", add_special_tokens=False))
+    pieces = [detok.push(t) for t in ids]
+    assert not "".join(pieces).endswith("\ufffd")  # push cannot tell it from an incomplete character
+    assert "".join(pieces) + detok.flush() == tok.decode(ids) == "Done: \ufffd\ufffd"
+    assert detok.flush() == ""
+
+
 def test_stop_strings_hold_back_a_possible_start():
     stops = StopStrings(("END",))
     assert stops.feed("abcE") == ("abc", False)  # "E" is held back: it may begin END

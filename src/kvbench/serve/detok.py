@@ -4,8 +4,8 @@ output at every token.
 `Detokenizer` keeps vLLM's two offsets into the tokens: text is decoded from `prefix_offset` (a few
 tokens back, so a tokenizer that drops or merges a leading space decodes the new token in context) and
 the new token's text is what the window decodes to beyond `read_offset`. A window that ends inside a
-multi-byte character (U+FFFD at the end) emits nothing until the character is complete. Each step decodes
-a handful of tokens, whatever the output's length.
+multi-byte character (U+FFFD at the end) emits nothing until the character is complete; `flush` releases what
+is still held back when the output ends. Each step decodes a handful of tokens, whatever the output's length.
 """
 
 from __future__ import annotations
@@ -40,6 +40,16 @@ class Detokenizer:
             self.read_offset -= self.prefix_offset
             self.prefix_offset = 0
         return after[len(before):]
+
+    def flush(self) -> str:
+        """The text still held back when the output ends: a character that never completed, or a U+FFFD the
+        model generated itself (a token of its own in SmolLM2's vocabulary), which `push` cannot tell apart."""
+        if self.tokenizer is None:
+            return ""
+        before = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        after = self._decode(self.ids[self.prefix_offset:])
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return after[len(before):] if len(after) > len(before) else ""
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -207,6 +207,9 @@ class Server:
                 generated += 1
                 text, stopped = stops.feed(detok.push(token))
                 last = out.finished and i == len(out.new_token_ids) - 1
+                if last and not stopped:  # the end releases text the detokenizer still holds back
+                    held, stopped = stops.feed(detok.flush())
+                    text += held
                 counts = (len(stream.prompt_ids), generated, out.num_cached_tokens)
                 if stopped or last:
                     finish = "stop" if stopped else out.finish_reason.value
