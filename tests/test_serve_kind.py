@@ -255,3 +255,17 @@ def test_per_seq_methods_are_compared_with_the_reference_on_the_same_requests(tm
     report = (out / "report.md").read_text()
     assert "## Against the reference engine `full`" in report and "## Which engine for my workload and budget" in report
     assert "host-to-host" in report
+
+
+def test_a_per_seq_pool_is_bounded_by_its_requests_not_only_by_its_cap(tiny):
+    from kvbench.bench.serve_session import pool_bytes_bound
+    from kvbench.serve import EngineConfig
+
+    requests = [Request(0, None, 6, ids=list(range(10))), Request(1, None, 4, ids=list(range(20)))]
+    huge = EngineConfig(kv_backend="per_seq", kv_cache_memory=64 * 2**30, strategy="speculative_fetch")
+    token = tiny.kv_bytes_per_token
+    head_dim = getattr(tiny.config, "head_dim", None) or tiny.config.hidden_size // tiny.config.num_attention_heads
+    per_token = token + token * min(16, head_dim) // (2 * head_dim)  # full KV and the partial keys
+    assert pool_bytes_bound(huge, tiny, requests) == (16 + 24) * per_token
+    small = EngineConfig(kv_backend="per_seq", kv_cache_memory=2**10)
+    assert pool_bytes_bound(small, tiny, requests) == 2**10

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 
 from kvbench.bench import preflight
@@ -29,6 +30,7 @@ from kvbench.serve import Engine, EngineConfig, FinishReason, SamplingParams
 from kvbench.serve.config import DEFAULT_KV_CACHE_MEMORY
 from kvbench.serve.engine import StepStats
 from kvbench.serve.kv import block_tokens
+from kvbench.serve.per_seq import strategy_of
 from kvbench.workloads import Request, build_requests, for_model
 
 WARMUP_CONFIG = EngineConfig(num_blocks=16, max_model_len=256)  # the untimed run before a group's first trial
@@ -165,14 +167,12 @@ def prompt_digest(ids: list[int]) -> str:
     return hashlib.blake2b(b"".join(i.to_bytes(4, "little") for i in ids), digest_size=8).hexdigest()
 
 
-def pool_bytes_bound(config: EngineConfig, lm: LoadedModel, requests: list[Request] = ()) -> int:
+def pool_bytes_bound(config: EngineConfig, lm: LoadedModel, requests: Sequence[Request] = ()) -> int:
     """At least the bytes of the pool `config` allocates for `lm` (kvbench.serve.kv.make_kv rounds
     kv_cache_memory down to whole blocks). per_seq allocates no pool: its caches hold at most the cap, and
     at most every request's prompt + max_tokens at its strategy's bound per token."""
     cap = config.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY
     if config.kv_backend == "per_seq" and requests:
-        from kvbench.serve.per_seq import strategy_of
-
         per_token = strategy_of(config).token_bytes_bound(lm)
         return min(cap, sum(len(r.ids) + r.max_tokens for r in requests) * per_token)
     if config.num_blocks is None:

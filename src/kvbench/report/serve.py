@@ -119,7 +119,8 @@ def body(run: Run, figures: Path | None) -> Body:
              *(f"stream `{s['tag']}`: {s['num_requests']} requests of {_lengths(s['workload'])} at rate "
                f"{s['request_rate']} from {s['start_s']} s" for s in config.get("streams") or ()),
              f"SLO for goodput: {summary['slo'] or 'none given'}",
-             *([f"engine axes (every engine crossed with): {config['engine_axes']}"] if config.get("engine_axes") else []),
+             *([f"engine axes (every engine crossed with): {config['engine_axes']}"]
+               if config.get("engine_axes") else []),
              f"reference engine (outputs compared with): `{summary['reference']}`",
              "engines: " + "; ".join(f"`{e['label']}` " + (", ".join(f"{k}={v}" for k, v in e.items() if k != "label")
                                                           or "defaults") for e in config.get("engines", ())))

@@ -94,16 +94,15 @@ def choice_section(points: dict[str, dict], reference: str, slo: dict | None) ->
         chosen = {k for k, _ in good}
         bad = [(k, p) for k, p in members if k not in chosen]
         best = max(good, key=lambda kp: kp[1].get(measure) or 0, default=None)
-        excluded = "; ".join(f"{p['engine']} ({num(p.get('greedy_agreement'), 2) if p.get('comparable') else 'not compared'})"
-                             for _, p in bad) or "none"
+        excluded = "; ".join(f"{p['engine']} ({_agreement(p)})" for _, p in bad) or "none"
         if best is None:
             rows.append((str(rate), num(None if cap is None else cap / 2**20, 0), "none at the bar", "", "", "", "",
                          excluded))
             continue
         p = best[1]
-        rows.append((str(rate), num(None if cap is None else cap / 2**20, 0), f"`{p['engine']}`", num(p.get(measure), 2),
-                     num(p["greedy_agreement"], 3), num(p["output_throughput"], 1), num(p["peak_running"], 1),
-                     excluded))
+        rows.append((str(rate), num(None if cap is None else cap / 2**20, 0), f"`{p['engine']}`",
+                     num(p.get(measure), 2), num(p["greedy_agreement"], 3), num(p["output_throughput"], 1),
+                     num(p["peak_running"], 1), excluded))
     basis = (f"goodput under the SLO {slo}" if slo else "request throughput (no SLO given, so every completed "
              "request counts)")
     return Section("Which engine for my workload and budget", tuple(table(header, rows)), intro=(
@@ -111,3 +110,7 @@ def choice_section(points: dict[str, dict], reference: str, slo: dict | None) ->
         f"with `{reference}` is at least {QUALITY_BAR}; engines below that bar, or not comparable, are named with "
         "their agreement. One workload and one model: the choice holds for this workload's prompt and output "
         "lengths, not in general."))
+
+
+def _agreement(point: dict) -> str:
+    return num(point.get("greedy_agreement"), 2) if point.get("comparable") else "not compared"

@@ -83,7 +83,8 @@ class SpeculativeLayer(DynamicLayer):
         if not self.is_initialized:
             return 0
         batch, kv_heads, _, head_dim = self.keys.shape
-        return self.fetched_tokens * batch * kv_heads * head_dim * (self.keys.element_size() + self.values.element_size())
+        per_token = batch * kv_heads * head_dim * (self.keys.element_size() + self.values.element_size())
+        return self.fetched_tokens * per_token
 
 
 @register
