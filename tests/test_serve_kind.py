@@ -203,3 +203,69 @@ def test_per_seq_and_swap_engines_run_through_the_serve_kind(tmp_path, tiny):
     assert summary["seq@inf"]["swaps"] == 0
     assert json.loads((out / "run.json").read_text())["points"]["seq@inf"]["kv_pool_bytes"] == \
         DEFAULT_KV_CACHE_MEMORY // tiny.kv_bytes_per_token * tiny.kv_bytes_per_token
+
+
+def test_engine_axes_cross_every_engine_and_name_the_reference():
+    spec = ServeSpec.from_dict({**SPEC, "engine_axes": {"kv_cache_memory": ["1MiB", "2MiB"], "max_num_seqs": [1, 3]},
+                                "reference": "slab", "engines": [{"label": "a"}, {"label": "slab", "block_size": 8}]})
+    variants = spec.variants()
+    assert [v.label for v in variants][:2] == ["a,kv_cache_memory=1MiB,max_num_seqs=1",
+                                               "a,kv_cache_memory=1MiB,max_num_seqs=3"]
+    assert len(variants) == 8 and len(spec.points()) == 8 * 2 and spec.reference_engine == "slab"
+    last = variants[-1]
+    assert last.base == "slab" and last.config.kv_cache_memory == 2 * 2**20 and last.config.max_num_seqs == 3
+    assert last.config.block_size == 8
+    assert ServeSpec.from_dict(spec.to_dict()) == spec  # the spec keeps its axes, not the crossed engines
+    with pytest.raises(KvbenchError, match="reference 'nope' is not an engine label; valid: a, slab"):
+        ServeSpec.from_dict({**SPEC, "reference": "nope", "engines": [{"label": "a"}, {"label": "slab"}]})
+    with pytest.raises(KvbenchError, match="engine_axes key max_num_seqs must be a whole number"):
+        ServeSpec.from_dict({**SPEC, "engine_axes": {"max_num_seqs": ["x"]}})
+    with pytest.raises(KvbenchError, match="engine_axes block_size repeats a value"):
+        ServeSpec.from_dict({**SPEC, "engine_axes": {"block_size": [8, 8]}})
+
+
+def test_per_seq_methods_are_compared_with_the_reference_on_the_same_requests(tmp_path, tiny):
+    """Records carry the prompt digest, output ids, budget and bytes moved; the report compares each engine
+    with the reference: h2o at budget 1.0 agrees exactly, offloading moves bytes, and one engine is chosen."""
+    spec = ServeSpec.from_dict({**SPEC, "request_rates": ["inf"], "ignore_eos": False,
+                                "workload": {"kind": "synthetic", "prompt_tokens": 24, "output_tokens": 6},
+                                "engine_axes": {"kv_cache_memory": ["1MiB"]}, "engines": [
+        {"label": "full", "kv_backend": "per_seq", "strategy": "dynamic"},
+        {"label": "h2o-1.0", "kv_backend": "per_seq", "strategy": "h2o:budget=1.0:window=4"},
+        {"label": "off", "kv_backend": "per_seq", "strategy": "offloaded"}]})
+    out = tmp_path / "out"
+    assert _run(spec, out, tiny).measured == 3
+    records = read_records(out / "results.jsonl")
+    by_engine = {}
+    for r in records:
+        by_engine.setdefault(r["method"], []).append(r)
+        assert len(r["output_ids"]) == r["output_tokens"] and len(r["prompt_digest"]) == 16
+    assert {r["budget"] for r in by_engine["h2o-1.0"]} == {1.0} and by_engine["full"][0]["budget"] is None
+    assert all(r["bytes_moved"] > 0 for r in by_engine["off"]) and by_engine["full"][0]["bytes_moved"] is None
+    assert [r["output_ids"] for r in by_engine["h2o-1.0"]] == [r["output_ids"] for r in by_engine["full"]]
+    write_report(out)
+    summary = json.loads((out / "summary.json").read_text())
+    points = summary["points"]
+    assert summary["reference"] == "full"
+    h2o = points["h2o-1.0,kv_cache_memory=1MiB@inf"]
+    assert h2o["greedy_agreement"] == 1.0 and h2o["diverged"] == 0 and h2o["output_length_change"] == 0.0
+    off = points["off,kv_cache_memory=1MiB@inf"]
+    moved = sum(r["bytes_moved"] for r in by_engine["off"])
+    assert off["bytes_moved_per_token"] == moved / sum(r["output_tokens"] for r in by_engine["off"])
+    report = (out / "report.md").read_text()
+    assert "## Against the reference engine `full`" in report and "## Which engine for my workload and budget" in report
+    assert "host-to-host" in report
+
+
+def test_a_per_seq_pool_is_bounded_by_its_requests_not_only_by_its_cap(tiny):
+    from kvbench.bench.serve_session import pool_bytes_bound
+    from kvbench.serve import EngineConfig
+
+    requests = [Request(0, None, 6, ids=list(range(10))), Request(1, None, 4, ids=list(range(20)))]
+    huge = EngineConfig(kv_backend="per_seq", kv_cache_memory=64 * 2**30, strategy="speculative_fetch")
+    token = tiny.kv_bytes_per_token
+    head_dim = getattr(tiny.config, "head_dim", None) or tiny.config.hidden_size // tiny.config.num_attention_heads
+    per_token = token + token * min(16, head_dim) // (2 * head_dim)  # full KV and the partial keys
+    assert pool_bytes_bound(huge, tiny, requests) == (16 + 24) * per_token
+    small = EngineConfig(kv_backend="per_seq", kv_cache_memory=2**10)
+    assert pool_bytes_bound(small, tiny, requests) == 2**10

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a function needs it: reports use greedy_agreement without it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ def distribution_agreement(reference: torch.Tensor, candidate: torch.Tensor) -> 
 
 def perplexity(logprobs: torch.Tensor, targets: list[int]) -> float:
     """exp of the mean negative log-likelihood of `targets` under [len(targets), vocab] log-probabilities."""
+    import torch
+
     if logprobs.shape[0] != len(targets) or not targets:
         raise ValueError("need one row of log-probabilities per target token")
     nll = -logprobs[torch.arange(len(targets)), torch.tensor(targets)].mean().item()

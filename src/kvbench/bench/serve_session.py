@@ -4,13 +4,17 @@ The model loads once; every trial builds a new engine (a new, empty pool: trials
 prefix cache carries over), adds every request with its scheduled arrival on the engine clock, and runs
 until idle. Records carry the fields of a `kvbench load` record, timed from the scheduled arrival (the
 virtual client sends on time: `sent_s = scheduled_s`, `send_lag_ms = 0`), so queueing behind a busy
-engine shows in TTFT and E2E. Every request of every point is the same: prompts are built once.
+engine shows in TTFT and E2E. Every request of every point is the same: prompts are built once, and each
+record carries its prompt's digest and its output token ids, so the report compares engines' outputs on
+the same requests (and refuses where the prompts differ).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 
 from kvbench.bench import preflight
@@ -26,6 +30,7 @@ from kvbench.serve import Engine, EngineConfig, FinishReason, SamplingParams
 from kvbench.serve.config import DEFAULT_KV_CACHE_MEMORY
 from kvbench.serve.engine import StepStats
 from kvbench.serve.kv import block_tokens
+from kvbench.serve.per_seq import strategy_of
 from kvbench.workloads import Request, build_requests, for_model
 
 WARMUP_CONFIG = EngineConfig(num_blocks=16, max_model_len=256)  # the untimed run before a group's first trial
@@ -71,7 +76,7 @@ class ServeSession:
         longest = max(len(r.ids) for r in self.requests)
         point = Point(self.lm.name, StrategyRef("dynamic"), longest, 1, 1)  # the longest prefill's activations
         worst = preflight.estimate(preflight.ModelShape.of(self.lm), [point], {point: longest})
-        worst = dataclasses.replace(worst, kv=max(pool_bytes_bound(e.config, self.lm) for e in engines))
+        worst = dataclasses.replace(worst, kv=max(pool_bytes_bound(e.config, self.lm, self.requests) for e in engines))
         limit = self.options.memory_limit
         preflight.check(worst, limit if limit is not None else preflight.default_limit(self.lm.weight_bytes))
         for variant in engines:  # the engine's own checks (context, pool size), before anything is measured
@@ -151,14 +156,25 @@ def request_record(request, planned: Planned, t0: float) -> dict:
         "status": "ok" if request.finish_reason in (FinishReason.STOP, FinishReason.LENGTH) else "aborted",
         "error": None, "finish_reason": request.finish_reason.value, "preemptions": request.preemptions,
         "preempted_tokens": request.preempted_tokens, "swaps": request.swaps, "swap_refused": request.swap_refused,
-        "bytes_swapped": request.bytes_swapped,
+        "bytes_swapped": request.bytes_swapped, "bytes_moved": request.bytes_moved,
+        "prompt_digest": prompt_digest(request.prompt_ids), "output_ids": list(request.output_ids),
         "prefix_id": req.prefix_id, "shared_prefix": req.shared_prefix, "turn": req.turn, "time": time.time(),
     }
 
 
-def pool_bytes_bound(config: EngineConfig, lm: LoadedModel) -> int:
+def prompt_digest(ids: list[int]) -> str:
+    """A request's prompt, as 16 hex digits of blake2b over its token ids."""
+    return hashlib.blake2b(b"".join(i.to_bytes(4, "little") for i in ids), digest_size=8).hexdigest()
+
+
+def pool_bytes_bound(config: EngineConfig, lm: LoadedModel, requests: Sequence[Request] = ()) -> int:
     """At least the bytes of the pool `config` allocates for `lm` (kvbench.serve.kv.make_kv rounds
-    kv_cache_memory down to whole blocks)."""
+    kv_cache_memory down to whole blocks). per_seq allocates no pool: its caches hold at most the cap, and
+    at most every request's prompt + max_tokens at its strategy's bound per token."""
+    cap = config.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY
+    if config.kv_backend == "per_seq" and requests:
+        per_token = strategy_of(config).token_bytes_bound(lm)
+        return min(cap, sum(len(r.ids) + r.max_tokens for r in requests) * per_token)
     if config.num_blocks is None:
-        return config.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY
+        return cap
     return config.num_blocks * block_tokens(config, lm.context_window) * lm.kv_bytes_per_token

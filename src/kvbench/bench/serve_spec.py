@@ -7,10 +7,17 @@ validates them) plus an optional `label`; byte sizes may be written as `256MiB`.
 in-process run and an HTTP run of one spec offer the same load. `streams` add further request streams
 to every point's schedule, each with its own workload, count and rate (long prompts arriving among
 running decodes); records name their stream, so the report can split latencies by request class.
+
+`engine_axes` crosses every engine with values of `EngineConfig` fields (`{kv_cache_memory: [64GiB,
+256MiB]}`): each engine runs once per combination, labelled `label,field=value`, and records name the
+engine it came from (`method`). The `reference` engine (the first one unless named) is what the report
+compares every other engine's outputs with: output length and greedy agreement on the same requests at
+the same rate and axis values (with `ignore_eos: false` outputs end where each model stops).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -34,6 +41,11 @@ class EngineVariant:
 
     label: str
     fields: tuple[tuple[str, Any], ...]  # as given (sizes in bytes), in the order written
+    method: str | None = None  # the spec's engine this one was crossed from (engine_axes); None: itself
+
+    @property
+    def base(self) -> str:
+        return self.method or self.label
 
     @property
     def config(self) -> EngineConfig:
@@ -41,6 +53,15 @@ class EngineVariant:
 
     def to_dict(self) -> dict:
         return {"label": self.label, **dict(self.fields)}
+
+    def crossed(self, axes: dict[str, Any]) -> EngineVariant:
+        """This engine with the `axes` fields set (values as written), labelled `label,field=value,...`."""
+        label = ",".join([self.label, *(f"{k}={v}" for k, v in axes.items())])
+        fields = {**dict(self.fields), **{k: parse_bytes(v) if k in BYTE_FIELDS and isinstance(v, str) else v
+                                         for k, v in axes.items()}}
+        checked = checked_fields(EngineConfig, fields, "engine_axes key")
+        EngineConfig(**checked)
+        return EngineVariant(label, tuple(checked.items()), self.label)
 
 
 def parse_engine(entry: Any) -> EngineVariant:
@@ -60,6 +81,15 @@ def parse_engine(entry: Any) -> EngineVariant:
     if not isinstance(label, str) or not label or any(c in label for c in "@/"):
         raise KvbenchError(f"engine label {label!r} must be a non-empty string without '@' or '/'")
     return EngineVariant(label, tuple(checked.items()))
+
+
+def strategy_budget(strategy: str | None) -> float | int | None:
+    """The `budget` of an engine's strategy (`h2o:budget=0.25`), None for a strategy without one."""
+    if strategy is None:
+        return None
+    from kvbench.bench.suite import parse_strategy
+
+    return getattr(parse_strategy(strategy).build(), "budget", None)
 
 
 @dataclass(frozen=True)
@@ -109,8 +139,9 @@ class ServePoint:
     def fields(self) -> dict:
         """What every record and summary row of the point names."""
         config = self.engine.config
-        return {"engine": self.engine.label, "kv_backend": config.kv_backend,
-                "strategy": getattr(config, "strategy", None), "max_num_seqs": config.max_num_seqs,
+        return {"engine": self.engine.label, "method": self.engine.base, "kv_backend": config.kv_backend,
+                "strategy": getattr(config, "strategy", None), "budget": strategy_budget(config.strategy),
+                "max_num_seqs": config.max_num_seqs,
                 "request_rate": rate_label(self.rate),
                 "kv_cache_memory": config.kv_cache_memory or (DEFAULT_KV_CACHE_MEMORY if config.num_blocks is None
                                                               else None)}
@@ -133,6 +164,8 @@ class ServeSpec(RunSpec):
     slo: dict[str, float] | None = None
     warmup: int = 0  # untimed whole trials per point (a short engine run always precedes the first measurement)
     engines: tuple[EngineVariant, ...] = (EngineVariant("paged", (("kv_backend", "paged"),)),)
+    engine_axes: dict[str, tuple] | None = None  # EngineConfig field -> values, crossed with every engine
+    reference: str | None = None  # the engine (label) outputs are compared with; None: the first
     streams: tuple[StreamSpec, ...] = ()
 
     def __post_init__(self):
@@ -152,13 +185,33 @@ class ServeSpec(RunSpec):
         labels = [e.label for e in self.engines]
         if len(set(labels)) != len(labels):
             raise KvbenchError(f"engine labels repeat: {labels}; give each engine a distinct `label`")
+        if self.reference is not None and self.reference not in labels:
+            raise KvbenchError(f"reference {self.reference!r} is not an engine label; valid: {', '.join(labels)}")
+        for key, values in (self.engine_axes or {}).items():
+            if not isinstance(values, (list, tuple)) or not values:
+                raise KvbenchError(f"engine_axes {key} must be a non-empty list of values, got {values!r}")
+            if len(set(map(str, values))) != len(values):
+                raise KvbenchError(f"engine_axes {key} repeats a value: {list(values)}")
+        self.variants()  # every crossed engine validates
         tags = [s.tag for s in self.streams]
         if len(set(tags)) != len(tags):
             raise KvbenchError(f"stream tags repeat: {tags}")
 
+    @property
+    def reference_engine(self) -> str:
+        return self.reference or self.engines[0].label
+
+    def variants(self) -> list[EngineVariant]:
+        """The engines crossed with `engine_axes`, engine by engine, the last axis varying fastest."""
+        if not self.engine_axes:
+            return list(self.engines)
+        keys = list(self.engine_axes)
+        combos = [dict(zip(keys, values)) for values in itertools.product(*self.engine_axes.values())]
+        return [engine.crossed(combo) for engine in self.engines for combo in combos]
+
     def points(self) -> list[ServePoint]:
         """Engines take turns at each rate (the runner interleaves them trial by trial)."""
-        return [ServePoint(e, r) for r in self.request_rates for e in self.engines]
+        return [ServePoint(e, r) for r in self.request_rates for e in self.variants()]
 
     def main_count(self) -> int:
         return self.num_requests or self.workload.natural_count or DEFAULT_REQUESTS
@@ -182,6 +235,8 @@ class ServeSpec(RunSpec):
         data = convert_open_loop(data)
         if isinstance(data.get("engines"), (list, tuple)):
             data["engines"] = [parse_engine(e) for e in data["engines"]]
+        if isinstance(data.get("engine_axes"), dict):
+            data["engine_axes"] = {k: tuple(v) if isinstance(v, list) else v for k, v in data["engine_axes"].items()}
         if isinstance(data.get("streams"), (list, tuple)):
             data["streams"] = [parse_stream(s) for s in data["streams"]]
         return data

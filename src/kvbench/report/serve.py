@@ -4,7 +4,8 @@ summary.json, each point's aggregates as the mean over its trials with their spr
 
 Each trial is summarised on its own (its duration runs from the first scheduled arrival to the last end),
 then the trials are averaged. Only complete trials count: a trial cut mid-way (fewer records than its
-schedule) and its steps are left out.
+schedule) and its steps are left out. Points are compared with the reference engine's on the same requests
+(output length, greedy agreement) and an engine is picked per (rate, KV cap) in `serve_quality`.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from kvbench.bench.steps import STEPS, read_steps
 from kvbench.report.document import Body, Section
 from kvbench.report.load import _null_non_finite
 from kvbench.report.run import Row, Run, latency_values
+from kvbench.report.serve_quality import against_reference, choice_section, quality_section
 from kvbench.report.tables import DASH, num, table
 
 SUMMARY = "summary.json"
-POINT_FIELDS = ("engine", "kv_backend", "strategy", "max_num_seqs", "request_rate", "kv_cache_memory")
+POINT_FIELDS = ("engine", "method", "kv_backend", "strategy", "budget", "max_num_seqs", "request_rate",
+                "kv_cache_memory")
 LATENCIES = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms", "queue_ms", "prefill_ms")
 
 
@@ -32,6 +35,7 @@ def trial_stats(records: list[dict], steps: list[dict], slo: dict[str, float] | 
     stats = timing_stats(records)
     stats.update({f: summarize(r.get(f) for r in records) for f in ("queue_ms", "prefill_ms")})
     used = sum(s["kv_bytes_used"] for s in steps)
+    moved = [r["bytes_moved"] for r in records if r.get("bytes_moved") is not None]
     out = {"duration_s": tp.duration_s, "completed": tp.completed, "output_tokens": tp.output_tokens,
            "output_throughput": tp.output_token_throughput, "request_throughput": tp.request_throughput,
            "total_token_throughput": tp.total_token_throughput, "goodput": tp.goodput,
@@ -43,7 +47,9 @@ def trial_stats(records: list[dict], steps: list[dict], slo: dict[str, float] | 
            "kv_used_bytes": max((s["kv_bytes_used"] for s in steps), default=None),
            # over every step: the bytes set aside per byte of KV actually held (internal fragmentation + promises)
            "kv_reserved_over_used": sum(s["kv_bytes_reserved"] for s in steps) / used if used else None,
-           "steps": len(steps)}
+           "steps": len(steps),
+           # offload / fetch strategies: KV bytes brought to the compute device per output token
+           "bytes_moved_per_token": sum(moved) / tp.output_tokens if moved and tp.output_tokens else None}
     for name in LATENCIES:
         out.update({f"{name}.{p}": getattr(stats[name], p) for p in ("p50", "p99")})
     return out
@@ -66,7 +72,15 @@ def summarize_run(run: Run) -> dict:
         points.setdefault(key, {"trial_stats": [], "records": []})
         points[key]["trial_stats"].append(trial_stats(by_trial[(key, trial)], steps[(key, trial)], slo))
         points[key]["records"] += by_trial[(key, trial)]
-    return {"partial": run.partial, "slo": slo, "points": {key: _point(p) for key, p in points.items()}}
+    summary = {key: _point(p) for key, p in points.items()}
+    versus = against_reference({key: p["records"] for key, p in points.items()}, summary, reference_of(run.spec))
+    return {"partial": run.partial, "slo": slo, "reference": reference_of(run.spec),
+            "points": {key: {**p, **versus[key]} for key, p in summary.items()}}
+
+
+def reference_of(spec: dict) -> str | None:
+    """The engine outputs are compared with: the spec's `reference`, else its first engine."""
+    return spec.get("reference") or next((e.get("label") for e in spec.get("engines") or ()), None)
 
 
 def _point(p: dict) -> dict:
@@ -105,9 +119,15 @@ def body(run: Run, figures: Path | None) -> Body:
              *(f"stream `{s['tag']}`: {s['num_requests']} requests of {_lengths(s['workload'])} at rate "
                f"{s['request_rate']} from {s['start_s']} s" for s in config.get("streams") or ()),
              f"SLO for goodput: {summary['slo'] or 'none given'}",
+             *([f"engine axes (every engine crossed with): {config['engine_axes']}"]
+               if config.get("engine_axes") else []),
+             f"reference engine (outputs compared with): `{summary['reference']}`",
              "engines: " + "; ".join(f"`{e['label']}` " + (", ".join(f"{k}={v}" for k, v in e.items() if k != "label")
                                                           or "defaults") for e in config.get("engines", ())))
     sections = [_throughput(points), _kv(points, run.info.get("points", {}))]
+    if len({p["method"] for p in points.values()}) > 1 and any(p.get("comparable") for p in points.values()):
+        sections += [quality_section(points, summary["reference"], not config.get("ignore_eos", True)),
+                     choice_section(points, summary["reference"], summary["slo"])]
     if any(len(p["streams"]) > 1 for p in points.values()):
         sections.append(_classes(points))
     drawn: tuple[Path, ...] = ()

@@ -8,13 +8,16 @@ the strategy's hooks attached, the same call `generate()` makes: scheduling is c
 not batched. It is exact by construction for every strategy; batching the linear layers over the packed
 row (attention per sequence in a registered attention function) is the faster design left for later.
 
-Memory: admission and growth are accounted in a token ledger of full-KV size per token (what preflight
-estimates), against `kv_cache_memory`; reserve admission sets aside prompt + max_tokens up front. The
-bytes reported per step are exact: `strategy.kv_bytes` of every live cache (used), and per request the
-larger of its ledger share and its cache (reserved); a strategy that holds more than full KV
-(speculative_fetch's partial keys) can therefore exceed `kv_cache_memory` by that surplus, and the
-reserved bytes show it. Eviction and quantization shrink the bytes used, not admission, which stays
-conservative.
+Memory: admission and growth are accounted in a token ledger against `kv_cache_memory`, in units of one
+token's full KV. Each request counts its cache's actual bytes (`strategy.kv_bytes` after each of its
+steps, rounded up to whole units) plus, for the step being planned, the worst-case growth of the tokens it
+computes (`strategy.token_bytes_bound` per token: full KV, or more for speculative_fetch's partial keys).
+So eviction and quantization admit more requests under a cap, and speculative_fetch fewer. `static`
+allocates prompt + max_tokens in its first step, ahead of its tokens: the step after, its share is its
+actual bytes, so it can run over `kv_cache_memory` by that allocation (counted in `TokenLedger.overruns`). Reserve
+admission sets aside the bound of prompt + max_tokens up front (full size per token: eviction strategies
+give no tighter bound yet). The bytes reported per step are exact: `strategy.kv_bytes` of every live cache
+(used), and per request its share plus its promise (reserved).
 
 Ignored here: `block_size`, and prefix caching (`enable_prefix_caching`; a strategy's cache is not a set
 of shareable blocks). Prompts are prefilled in chunks only for lossless strategies that keep a cache
@@ -64,6 +67,7 @@ class SeqCaches:
     def __init__(self, lm, strategy: CacheStrategy):
         self.lm, self.strategy = lm, strategy
         self.caches: dict[int, object] = {}
+        self.requests: dict[int, Request] = {}  # each live cache's request, which its bytes moved are added to
 
     def check(self, prompt_len: int, max_tokens: int) -> None:
         """Refuse, when it is added, a request the strategy cannot serve (a prompt too short for its
@@ -74,9 +78,14 @@ class SeqCaches:
         """A fresh cache for a request starting from its first token (admission, or after preemption)."""
         self.caches[request.request_id] = self.strategy.make_cache(
             self.lm, 1, len(request.prompt_ids), request.params.max_tokens)
+        self.requests[request.request_id] = request
 
     def drop(self, request_id: int) -> None:
-        self.caches.pop(request_id, None)
+        """Forget the request's cache, adding the bytes it moved (offload, fetch) to the request's count."""
+        cache, request = self.caches.pop(request_id, None), self.requests.pop(request_id, None)
+        moved = self.strategy.bytes_moved(cache)
+        if request is not None and moved is not None:
+            request.bytes_moved = (request.bytes_moved or 0) + moved
 
     def nbytes(self, request_id: int) -> int:
         return self.strategy.kv_bytes(self.caches.get(request_id))
@@ -108,19 +117,27 @@ class LedgerUsage:
 
 
 class TokenLedger:
-    """The scheduler's pool interface, counted in tokens of full KV (one "block" = one token, never
-    shared): `ensure` grows a request's share, reserve admission promises prompt + max_tokens, and
-    `release` drops the request's cache with its share."""
+    """The scheduler's pool interface, counted in tokens of full KV (one "block" = one token's full-KV bytes,
+    never shared). A request's share is its cache's actual bytes after its last step, rounded up to whole
+    tokens (`commit`), plus, while a step is planned, the worst-case growth of the tokens it computes
+    (`ensure`: `token_bound` bytes each). Reserve admission promises the bound of prompt + max_tokens,
+    and a request's share plus its promise never falls below it (`commit` moves what the cache frees back
+    into the promise), so it can always grow. `release` drops the request's cache with its share."""
 
     block_size = 1
 
-    def __init__(self, num_tokens: int, token_bytes: int, caches: SeqCaches):
-        self.num_blocks, self.token_bytes, self.caches = num_tokens, token_bytes, caches
-        self.held: dict[int, int] = {}
+    def __init__(self, num_tokens: int, token_bytes: int, token_bound: int, caches: SeqCaches):
+        self.num_blocks, self.token_bytes, self.token_bound, self.caches = num_tokens, token_bytes, token_bound, caches
+        self.held: dict[int, int] = {}  # ledger tokens counted for the request now
         self.promised: dict[int, int] = {}
+        self.reserved: dict[int, int] = {}  # reserve admission: the bound of prompt + max_tokens, else 0
+        self.computed: dict[int, int] = {}  # tokens its cache has seen (through its last commit)
+        self.bytes: dict[int, int] = {}  # its cache's bytes after its last step
+        self.overruns = 0  # steps after which a cache held more than its share had room for (static preallocates)
 
     def blocks_for(self, num_tokens: int) -> int:
-        return num_tokens
+        """Ledger tokens that `num_tokens` new tokens may take at most."""
+        return -(-num_tokens * self.token_bound // self.token_bytes)
 
     @property
     def available(self) -> int:
@@ -130,15 +147,19 @@ class TokenLedger:
         return []  # no prefix caching: a strategy's cache is not a set of shareable blocks
 
     def admission_cost(self, matched: list[int], num_tokens: int) -> int:
-        return num_tokens
+        return self.blocks_for(num_tokens)
 
     def admit(self, request_id: int, matched: list[int], promise_tokens: int = 0) -> None:
         if request_id in self.held:
             raise KvbenchError(f"request {request_id} already holds a cache")
-        self.held[request_id], self.promised[request_id] = 0, promise_tokens
+        self.held[request_id], self.computed[request_id], self.bytes[request_id] = 0, 0, 0
+        self.promised[request_id] = self.reserved[request_id] = self.blocks_for(promise_tokens)
 
     def ensure(self, request_id: int, num_tokens: int) -> bool:
-        missing = num_tokens - self.held[request_id]
+        """Hold the request's bytes plus the worst-case growth of its tokens up to `num_tokens`."""
+        new = max(0, num_tokens - self.computed[request_id])
+        need = -(-(self.bytes[request_id] + new * self.token_bound) // self.token_bytes)
+        missing = need - self.held[request_id]
         own = self.promised[request_id]
         if missing > self.available + min(own, missing):
             return False
@@ -147,11 +168,18 @@ class TokenLedger:
             self.promised[request_id] = max(0, own - missing)
         return True
 
-    def commit(self, *_) -> None:
-        """Nothing to key: the cache took the tokens in the forward."""
+    def commit(self, request_id: int, tokens: list[int], start: int, end: int, keys: list[str]) -> None:
+        """After the request's forward: its share becomes its cache's bytes, rounded up to whole tokens; what
+        that frees returns to its promise (reserve admission) or to the pool."""
+        size = self.caches.nbytes(request_id)
+        actual = -(-size // self.token_bytes)
+        self.overruns += actual > self.held[request_id]
+        self.promised[request_id] = max(0, self.reserved[request_id] - actual)
+        self.held[request_id], self.computed[request_id], self.bytes[request_id] = actual, end, size
 
     def release(self, request_id: int) -> None:
-        del self.held[request_id], self.promised[request_id]
+        for book in (self.held, self.promised, self.reserved, self.computed, self.bytes):
+            del book[request_id]
         self.caches.drop(request_id)
 
     def usage(self) -> LedgerUsage:
@@ -165,6 +193,8 @@ class TokenLedger:
         assert all(n >= 0 for n in (*self.held.values(), *self.promised.values()))
         assert self.available >= 0, "more tokens held and promised than the ledger has"
         assert set(self.caches.caches) <= set(self.held), "a cache outlived its request's share"
+        for r, size in self.bytes.items():
+            assert self.held[r] * self.token_bytes >= size, f"request {r} holds more bytes than its share"
 
 
 def make_kv(lm, config: EngineConfig, max_model_len: int) -> KV:
@@ -175,7 +205,8 @@ def make_kv(lm, config: EngineConfig, max_model_len: int) -> KV:
         raise KvbenchError(f"kv_cache_memory holds not one token of full KV ({token_bytes} bytes); raise it")
     caches = SeqCaches(lm, strategy)
     chunkable = strategy.capabilities.lossless and strategy.capabilities.uses_cache
-    return KV("per_seq", TokenLedger(num_tokens, token_bytes, caches), caches, max_model_len, chunkable)
+    ledger = TokenLedger(num_tokens, token_bytes, strategy.token_bytes_bound(lm), caches)
+    return KV("per_seq", ledger, caches, max_model_len, chunkable)
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,7 @@ class Request:
     swaps: int = 0  # preemptions by swap
     swap_refused: int = 0  # swap preemptions recomputed instead, the host tier being full
     bytes_swapped: int = 0  # out and back in
+    bytes_moved: int | None = None  # per_seq offload / fetch strategies: KV brought to the compute device
     block_keys: list[str] = field(default_factory=list)  # chain keys of its full, computed blocks
 
     @property

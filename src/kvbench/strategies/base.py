@@ -62,6 +62,18 @@ class CacheStrategy:
             for layer in cache.layers
         )
 
+    def token_bytes_bound(self, lm: LoadedModel) -> int:
+        """At most the bytes one more token can add to this strategy's cache: full KV unless the strategy stores
+        more per token (a true upper bound: the serving engine's per_seq backend admits requests on it)."""
+        return lm.kv_bytes_per_token
+
+    def bytes_moved(self, cache: Cache | None) -> int | None:
+        """Bytes of keys and values brought from the offload side to the compute device so far, counted by the
+        layers that move them (a `bytes_moved()` method); None for a strategy whose KV stays where it is used."""
+        if cache is None or not any(hasattr(layer, "bytes_moved") for layer in cache.layers):
+            return None
+        return sum(layer.bytes_moved() for layer in cache.layers if hasattr(layer, "bytes_moved"))
+
     def check_engaged(self, cache: Cache | None) -> None:
         """Raise `NotEngaged` if the strategy's mechanism should have acted on this generation but did not.
 

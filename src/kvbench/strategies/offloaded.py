@@ -15,7 +15,7 @@ from transformers.cache_utils import DynamicLayer
 
 from kvbench.errors import NotEngaged
 from kvbench.strategies import register
-from kvbench.strategies.base import CacheStrategy
+from kvbench.strategies.base import CacheStrategy, tensor_bytes
 
 
 class HostOffloadedLayer(DynamicLayer):
@@ -24,15 +24,20 @@ class HostOffloadedLayer(DynamicLayer):
     def __init__(self):
         super().__init__()
         self.round_trips = 0  # updates that brought the stored KV in and put it back (the mechanism checked)
+        self.bytes_in = 0  # stored keys and values brought to the compute device, summed over updates
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.round_trips += 1
+        self.bytes_in += tensor_bytes(self.keys, self.values)
         keys = torch.cat([self.keys.to(key_states.device), key_states], dim=-2)
         values = torch.cat([self.values.to(value_states.device), value_states], dim=-2)
         self.keys, self.values = keys.to("cpu"), values.to("cpu")
         return keys, values
+
+    def bytes_moved(self) -> int:
+        return self.bytes_in
 
 
 @register

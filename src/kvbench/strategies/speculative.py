@@ -78,6 +78,14 @@ class SpeculativeLayer(DynamicLayer):
     def nbytes(self) -> int:
         return tensor_bytes(self.keys, self.values, self.partial)
 
+    def bytes_moved(self) -> int:
+        """Keys and values of the fetched tokens (the whole cache on a full fetch), summed over decode steps."""
+        if not self.is_initialized:
+            return 0
+        batch, kv_heads, _, head_dim = self.keys.shape
+        per_token = batch * kv_heads * head_dim * (self.keys.element_size() + self.values.element_size())
+        return self.fetched_tokens * per_token
+
 
 @register
 @dataclass
@@ -97,6 +105,12 @@ class SpeculativeFetch(ScoredEviction):
         offload = torch.device("cpu")
         return Cache(layers=[SpeculativeLayer(self.budget, self.window, self.partial_channels, offload)
                              for _ in range(lm.config.num_hidden_layers)])
+
+    def token_bytes_bound(self, lm) -> int:
+        """Full KV plus the token's `partial_channels` key channels, kept in the model's dtype on every layer."""
+        head_dim = getattr(lm.config, "head_dim", None) or lm.config.hidden_size // lm.config.num_attention_heads
+        r = min(self.partial_channels, head_dim)
+        return lm.kv_bytes_per_token + lm.kv_bytes_per_token * r // (2 * head_dim)
 
     def observe(self, module, hidden, rope, cache) -> None:
         if hidden.shape[1] == 1:
