@@ -7,6 +7,11 @@ attention function, which writes each new token's K/V into its slot in the pool 
   slots, padded to the longest, and one SDPA with a key-padding mask (none when no row is padded);
 - longer prefill chunks one by one: SDPA over the chunk's context slots with a causal mask offset by
   the tokens before the chunk (plain `is_causal` when there are none).
+Positions here are a request's table entries (its kept tokens, in order, after a policy evicted; see
+`kvbench.serve.request.Request`). A policy that scores tokens (h2o, snapkv) asks for the attention mass
+each entry receives by giving the context buffers to add it to: the single-token rows then compute their
+scores explicitly (one matmul, softmax, one matmul) instead of SDPA, and a chunk scores its last
+`mass_queries` queries over its context.
 transformers builds no mask for an attention name it does not know (`create_causal_mask` returns
 None), so nothing is computed twice. The name is set on the model's config only inside
 `paged_attention(model)`, so every other forward in kvbench keeps the model's own attention.
@@ -23,18 +28,21 @@ from transformers import AttentionInterface
 
 from kvbench.errors import KvbenchError
 from kvbench.serve.kv import KVStore
+from kvbench.strategies.scores import query_mass
 
 ATTENTION_NAME = "kvbench_paged"
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """A prefill chunk: packed rows [q0, q1) attend to `slots` (its request's positions 0..past+n)."""
+    """A prefill chunk: packed rows [q0, q1) attend to `slots` (its request's entries 0..past+n)."""
 
     q0: int
     q1: int
     slots: torch.Tensor  # [past + n]
     mask: torch.Tensor | None  # [n, past + n] bool (True: attend), None when past == 0 (plain causal)
+    mass: torch.Tensor | None = None  # [past + n] float32: gets the attention of its last `mass_queries` queries
+    mass_queries: int = 0
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,7 @@ class StepContext:
     single_index: torch.Tensor | None  # [B, Lmax] slots of each single row's context (0 where padded)
     single_mask: torch.Tensor | None  # [B, 1, 1, Lmax] bool; None when every row has Lmax tokens
     chunks: tuple[Chunk, ...]
+    single_mass: torch.Tensor | None = None  # [B, Lmax] float32: gets each single row's attention per entry
 
 
 def paged_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -69,7 +78,10 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
         # One query per row: the heads sharing a KV head become that head's queries ([B, kvh, group, d]),
         # so GQA needs neither repeated K/V nor enable_gqa (as transformers' sdpa does for decode).
         q = query[0, :, :b].transpose(0, 1).reshape(b, keys.shape[1], -1, query.shape[3])
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.single_mask, scale=scaling)
+        if ctx.single_mass is None:
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.single_mask, scale=scaling)
+        else:
+            o = scored_attention(q, keys, values, ctx.single_mask, scaling, ctx.single_mass)
         out[:b] = o.reshape(b, query.shape[1], query.shape[3])
     for c in ctx.chunks:
         if c.mask is None:  # no past: the chunk's own K/V are its whole context
@@ -79,7 +91,24 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
         o = F.scaled_dot_product_attention(query[:, :, c.q0:c.q1], keys, values, attn_mask=c.mask,
                                            is_causal=c.mask is None, scale=scaling, enable_gqa=True)
         out[c.q0:c.q1] = o[0].transpose(0, 1)
+        if c.mass is not None:
+            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+            c.mass.add_(query_mass(query[:, :, c.q0:c.q1], keys, scale, last_queries=c.mass_queries)[0].sum(0))
     return out[None], None
+
+
+def scored_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+                     scaling: float | None, mass: torch.Tensor) -> torch.Tensor:
+    """One query per row with explicit scores, adding each key's probability (averaged over the query heads
+    of its KV head, summed over KV heads, as `query_mass` does) to `mass` [B, L].
+    q `[B, kvh, group, d]`, keys/values `[B, kvh, L, d]`, mask `[B, 1, 1, L]` bool or None."""
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    scores = torch.matmul(q, keys.transpose(-1, -2)).float().mul_(scale)  # [B, kvh, group, L]
+    if mask is not None:
+        scores.masked_fill_(~mask, float("-inf"))
+    probs = scores.softmax(dim=-1)
+    mass += probs.mean(dim=2).sum(dim=1)
+    return torch.matmul(probs.to(values.dtype), values)
 
 
 AttentionInterface.register(ATTENTION_NAME, paged_attention_forward)

@@ -1,7 +1,8 @@
 """A paged pool of KV blocks: block tables, reference counts, a free list and a prefix cache.
 
-Every block holds `block_size` token slots. A request's block table lists its blocks in order, so token
-position p lives in slot `table[p // block_size] * block_size + p % block_size`. A full block whose
+Every block holds `block_size` token slots. A request's block table lists its blocks in order, so its
+entry e lives in slot `table[e // block_size] * block_size + e % block_size`; entry e is the token at
+position e until a KV policy evicts (`drop`), after which the entries are the kept tokens in position order. A full block whose
 tokens were computed gets its chain key (`kvbench.reuse.blocks`: the key of the previous block plus
 these tokens, so equal keys mean equal prefixes); a later request whose prompt starts with the same
 tokens takes a reference to that block instead of computing it again. A hit is confirmed token by
@@ -10,6 +11,8 @@ token and against its parent key, so a key collision can never hand out the wron
 A block nobody references keeps its key and stays hittable ("cached"), in LRU order, until the pool
 needs it: allocation takes never-keyed free blocks first, then evicts the least recently released.
 `reserve` admission promises blocks to a request up front; promised blocks are not available to others.
+Eviction and prefix caching exclude each other: an engine whose policy evicts keys nothing (`namespace`
+None), since a table whose entries are not its first positions is no prefix.
 """
 
 from __future__ import annotations
@@ -127,8 +130,9 @@ class BlockPool:
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
     def commit(self, request_id: int, tokens: list[int], start: int, num_computed: int, keys: list[str]) -> None:
-        """Record that `tokens[start:num_computed]` now have KV: count the slots, and key every newly full
-        block (extending `keys`, the request's chain so far) so later requests can hit it."""
+        """Record that entries [start, num_computed) now have KV (`tokens[start:num_computed]` when nothing
+        was evicted, as always with prefix caching on): count the slots, and key every newly full block
+        (extending `keys`, the request's chain so far) so later requests can hit it."""
         table, bs = self.tables[request_id], self.block_size
         for i in range(start // bs, self.blocks_for(num_computed)):
             self.filled[table[i]] = max(self.filled[table[i]], min(bs, num_computed - i * bs))
@@ -149,13 +153,29 @@ class BlockPool:
         """Drop the request's references, tail first, so its last blocks are evicted before its prefix."""
         self._promised.pop(request_id, None)
         for block in reversed(self.tables.pop(request_id)):
-            self.refs[block] -= 1
-            if self.refs[block] == 0:
-                if block in self._key_of:
-                    self._cached[block] = None
-                else:
-                    self.filled[block] = 0
-                    self._free[block] = None
+            self._unref(block)
+
+    def drop(self, request_id: int, first: int, count: int, entries: int) -> None:
+        """Evict: release `count` blocks of the request's table from table index `first` (the blocks after
+        them move up); `entries` is how many the table holds then, which sets its blocks' filled slots."""
+        table, bs = self.tables[request_id], self.block_size
+        assert self.namespace is None, "a keyed pool cannot evict: its blocks are prefixes"
+        dropped = table[first:first + count]
+        del table[first:first + count]
+        assert self.blocks_for(entries) == len(table), "eviction left a table of the wrong size"
+        for block in dropped:
+            self._unref(block)
+        for i, block in enumerate(table):
+            self.filled[block] = min(bs, entries - i * bs)
+
+    def _unref(self, block: int) -> None:
+        self.refs[block] -= 1
+        if self.refs[block] == 0:
+            if block in self._key_of:
+                self._cached[block] = None
+            else:
+                self.filled[block] = 0
+                self._free[block] = None
 
     def usage(self) -> PoolUsage:
         free, cached = len(self._free), len(self._cached)

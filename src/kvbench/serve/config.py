@@ -21,7 +21,8 @@ class EngineConfig:
     kv_backend: `paged` (a pool of `block_size`-token blocks, shared prefixes held once) or `contiguous`
     (one slab of `max_model_len` tokens per request, TensorRT-LLM's "paging off") or `per_seq` (each request
     holds its own cache of `strategy`, a name or `name:key=value` as the CLI takes it; default `dynamic`;
-    see `kvbench.serve.per_seq` for what it accounts and what it ignores).
+    see `kvbench.serve.per_seq` for what it accounts and what it ignores). On `paged`, `strategy` names a
+    policy native to the pool (`kvbench.serve.policies`: sink, h2o, snapkv), with the same parameters.
     kv_cache_memory / num_blocks: the pool's size in bytes, or in blocks (num_blocks wins).
     admission: `optimistic` admits with blocks for the next chunk plus a `watermark` fraction of the
     pool kept free, and preempts the newest request (recompute) when a running one cannot grow;
@@ -48,7 +49,7 @@ class EngineConfig:
     swap_space: int | None = None  # bytes of host tier for swap preemption; None: unlimited
     batching: str = "continuous"
     max_model_len: int | None = None  # default: the model's context window
-    strategy: str | None = None  # per_seq only
+    strategy: str | None = None  # per_seq: any strategy; paged: one with a native policy (kvbench.serve.policies)
 
     def __post_init__(self):
         _one_of("kv_backend", self.kv_backend, KV_BACKENDS)
@@ -62,6 +63,10 @@ class EngineConfig:
                 _positive(name, getattr(self, name))
         if self.kv_backend == "per_seq":
             from kvbench.serve.per_seq import check_config
+
+            check_config(self)
+        elif self.strategy is not None and self.kv_backend == "paged":
+            from kvbench.serve.policies import check_config
 
             check_config(self)
         elif self.strategy is not None:

@@ -101,11 +101,13 @@ class Engine:
 
     def check_request(self, prompt_ids: list[int], sampling: SamplingParams) -> None:
         """Refuse (KvbenchError) a request this engine can never serve: too long for the model or the pool,
-        or one its per_seq strategy cannot hold."""
+        or one its per_seq strategy or paged policy cannot hold."""
         check_prompts(self.lm, [prompt_ids], sampling.max_tokens)
         self.scheduler.check_fits(len(prompt_ids), sampling.max_tokens)
         if self.runner is per_seq:
             self.kv.store.check(len(prompt_ids), sampling.max_tokens)
+        elif self.kv.policy is not None:
+            self.kv.policy.check(len(prompt_ids), sampling.max_tokens)
 
     def abort(self, request_id: int) -> None:
         request = self._request(request_id)
@@ -142,12 +144,16 @@ class Engine:
             return []
         t1 = self.now()
         inputs = self.runner.prepare(plan.rows, self.kv.pool, self.kv.store, self.lm.device)
+        if self.kv.policy is not None:
+            inputs = self.kv.policy.instrument(plan.rows, inputs)
         t2 = self.now()
         logits = self.runner.run_model(self.lm.model, inputs)
         t3 = self.now()
         tokens = runner.sample(logits, inputs.emitting, self._samplers)
         t4 = self.now()
         outputs = self._update(plan, inputs.emitting, tokens, t0, t4)
+        if self.kv.policy is not None:  # evicts after the step's KV is committed (timed as update)
+            self.kv.policy.after_step(plan.rows, inputs, self.kv)
         self._log(plan, inputs.emitting, (t0, t1, t2, t3, t4, self.now()))
         return outputs
 
@@ -170,7 +176,7 @@ class Engine:
             if request.timeline.first_scheduled_s is None:
                 request.timeline.first_scheduled_s = start
             request.num_computed = row.start + row.n
-            self.kv.pool.commit(request.request_id, request.tokens, row.start, request.num_computed,
+            self.kv.pool.commit(request.request_id, request.tokens, row.entry, request.num_entries,
                                 request.block_keys)
         outputs = []
         for row, token in zip(emitting, tokens):

@@ -12,6 +12,7 @@ Three backends behind the one interface (a pool that the scheduler asks for room
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +20,9 @@ from kvbench.errors import KvbenchError
 from kvbench.reuse.blocks import Namespace
 from kvbench.serve.block_pool import BlockPool
 from kvbench.serve.config import DEFAULT_KV_CACHE_MEMORY, EngineConfig
+
+if TYPE_CHECKING:
+    from kvbench.serve.policies import PagedPolicy
 
 
 class KVStore:
@@ -35,6 +39,12 @@ class KVStore:
     def flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[layer].flatten(0, 1), self.v[layer].flatten(0, 1)
 
+    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy the K/V of slots `src` into slots `dst` in every layer (all read before any is written)."""
+        for layer in range(len(self.k)):
+            for pool in self.flat(layer):
+                pool.index_copy_(0, dst, pool.index_select(0, src))
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
@@ -49,6 +59,7 @@ class KV:
     store: KVStore  # per_seq: its SeqCaches
     max_model_len: int
     chunked_prefill: bool = True  # False: its KV cannot be built a prompt chunk at a time
+    policy: PagedPolicy | None = None  # paged: the strategy's native block-level version, if one is set
 
 
 def model_shape(config) -> tuple[int, int, int]:
@@ -83,8 +94,11 @@ def make_kv(lm, config: EngineConfig) -> KV:
     if num_blocks < 1:
         raise KvbenchError(f"kv_cache_memory holds no {config.kv_backend} block of {block_size} tokens "
                            f"({block_size * token_bytes} bytes); raise kv_cache_memory or lower max_model_len")
-    caching = config.enable_prefix_caching and config.kv_backend == "paged"
+    from kvbench.serve.policies import make_policy
+
+    policy = make_policy(config)
+    caching = config.enable_prefix_caching and config.kv_backend == "paged" and not (policy and policy.evicts)
     namespace = Namespace(lm.fingerprint, str(lm.dtype).removeprefix("torch."), block_size) if caching else None
     pool = BlockPool(num_blocks, block_size, token_bytes, namespace)
     store = KVStore(layers, num_blocks, block_size, kv_heads, head_dim, lm.dtype, lm.device)
-    return KV(config.kv_backend, pool, store, max_model_len)
+    return KV(config.kv_backend, pool, store, max_model_len, policy=policy)

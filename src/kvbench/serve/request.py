@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvbench.engine.sampling import SamplingConfig
 from kvbench.errors import KvbenchError
@@ -50,9 +51,13 @@ class Timeline:
 
 @dataclass
 class Request:
-    """One request. Its tokens are `prompt_ids + output_ids`; the first `num_computed` of them have KV in
-    the pool, so the next forward computes `tokens[num_computed:]` (one token when decoding, a chunk of
-    the prompt when prefilling, or everything again after a preemption)."""
+    """One request. Its tokens are `prompt_ids + output_ids`; the first `num_computed` of them have been
+    computed, so the next forward computes `tokens[num_computed:]` (one token when decoding, a chunk of
+    the prompt when prefilling, or everything again after a preemption).
+
+    A KV policy (`kvbench.serve.policies`) may evict: then only `num_entries` = num_computed - num_evicted
+    of them hold KV, as entries [0, num_entries) of its block table, in position order; a token at
+    position p is written to entry p - num_evicted (its key rotated for p, so kept keys stay exact)."""
 
     request_id: int
     prompt_ids: list[int]
@@ -70,6 +75,8 @@ class Request:
     bytes_swapped: int = 0  # out and back in
     bytes_moved: int | None = None  # per_seq offload / fetch strategies: KV brought to the compute device
     block_keys: list[str] = field(default_factory=list)  # chain keys of its full, computed blocks
+    num_evicted: int = 0  # computed tokens whose KV a policy dropped (0 again when recomputed)
+    policy_state: Any = None  # the KV policy's bookkeeping for this request's entries (reset when recomputed)
 
     @property
     def tokens(self) -> list[int]:
@@ -78,6 +85,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_entries(self) -> int:
+        """Tokens whose KV the pool holds for this request (its block table's filled entries)."""
+        return self.num_computed - self.num_evicted
 
     @property
     def finished(self) -> bool:

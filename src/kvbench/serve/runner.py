@@ -42,28 +42,28 @@ def prepare(rows: list[Row], pool: BlockPool, store: KVStore, device: torch.devi
         tokens = row.request.tokens
         ids.extend(tokens[row.start:row.start + row.n])
         positions.extend(range(row.start, row.start + row.n))
-        slots.extend(pool.slots(row.request.request_id, row.start, row.start + row.n))
+        slots.extend(pool.slots(row.request.request_id, row.entry, row.entry + row.n))
         last.append(len(ids) - 1)
     bs = pool.block_size
     single_index = single_mask = None
     if singles:
-        lengths = torch.tensor([r.start + 1 for r in singles], device=device)
-        longest = int(max(r.start + 1 for r in singles))
+        lengths = torch.tensor([r.entry + 1 for r in singles], device=device)  # entries attended
+        longest = int(max(r.entry + 1 for r in singles))
         width = pool.blocks_for(longest)
         tables = [pool.tables[r.request.request_id][:width] for r in singles]
         table = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device)
         span = torch.arange(longest, device=device)
         single_index = context_slots(table, span, bs)  # padding reads block 0's slots, masked out below
-        if any(r.start + 1 < longest for r in singles):
+        if any(r.entry + 1 < longest for r in singles):
             single_mask = (span[None] < lengths[:, None])[:, None, None]
     packed_chunks, q0 = [], len(singles)
-    for row in chunks:
-        end = row.start + row.n
+    for row in chunks:  # in entries: a request that evicted attends its kept entries and its new ones causally
+        end = row.entry + row.n
         table = torch.tensor(pool.tables[row.request.request_id][:pool.blocks_for(end)], device=device)
         span = torch.arange(end, device=device)
         mask = None
-        if row.start:
-            mask = span[None] <= torch.arange(row.start, end, device=device)[:, None]
+        if row.entry:
+            mask = span[None] <= torch.arange(row.entry, end, device=device)[:, None]
         packed_chunks.append(Chunk(q0, q0 + row.n, context_slots(table, span, bs), mask))
         q0 += row.n
     ctx = StepContext(store, torch.tensor(slots, device=device), len(singles), single_index, single_mask,

@@ -46,6 +46,11 @@ class Row:
     def emits(self) -> bool:
         return self.start + self.n == self.request.num_tokens
 
+    @property
+    def entry(self) -> int:
+        """The table entry token `start` is written to (its position less the tokens its request evicted)."""
+        return self.start - self.request.num_evicted
+
 
 @dataclass
 class StepPlan:
@@ -104,7 +109,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             n = min(request.num_tokens - request.num_computed, budget)
-            while not self.pool.ensure(request.request_id, request.num_computed + n):
+            while not self.pool.ensure(request.request_id, request.num_entries + n):
                 if self.config.admission == "reserve":
                     raise AssertionError("a reserve-admitted request could not grow")
                 victim = self.running[-1]
@@ -128,16 +133,16 @@ class Scheduler:
             request = self.swapped[0]
             n = min(request.num_tokens - request.num_computed, budget)
             watermark = self.watermark_blocks if self.running else 0
-            if self.pool.admission_cost([], request.num_computed + n) + watermark > self.pool.available:
+            if self.pool.admission_cost([], request.num_entries + n) + watermark > self.pool.available:
                 break
             self.swapped.popleft()
             self.pool.admit(request.request_id, [])
-            ensured = self.pool.ensure(request.request_id, request.num_computed + n)
+            ensured = self.pool.ensure(request.request_id, request.num_entries + n)
             assert ensured, "resumption checked the blocks"
-            held = self.pool.tables[request.request_id][:self.pool.blocks_for(request.num_computed)]
+            held = self.pool.tables[request.request_id][:self.pool.blocks_for(request.num_entries)]
             moved = self.host.swap_in(request.request_id, held)
             request.block_keys = []
-            self.pool.commit(request.request_id, request.tokens, 0, request.num_computed, request.block_keys)
+            self.pool.commit(request.request_id, request.tokens, 0, request.num_entries, request.block_keys)
             request.bytes_swapped += moved
             plan.bytes_swapped += moved
             plan.swapped_in.append(request)
@@ -194,7 +199,7 @@ class Scheduler:
         self.running.remove(request)
         request.preemptions += 1
         plan.preempted.append(request)
-        blocks = self.pool.tables[request.request_id][:self.pool.blocks_for(request.num_computed)] if self.host else []
+        blocks = self.pool.tables[request.request_id][:self.pool.blocks_for(request.num_entries)] if self.host else []
         if self.host is not None and self.host.fits(len(blocks)):
             moved = self.host.swap_out(request.request_id, blocks)
             self.pool.release(request.request_id)
@@ -209,6 +214,7 @@ class Scheduler:
             request.swap_refused += 1
         self.pool.release(request.request_id)
         request.preempted_tokens += request.num_computed
-        request.num_computed = 0
+        request.num_computed = request.num_evicted = 0
+        request.policy_state = None
         request.status = Status.WAITING
         self.waiting.appendleft(request)
