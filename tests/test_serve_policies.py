@@ -133,7 +133,7 @@ def test_policies_survive_preemption(tiny, preemption):
     """A pool too small for every request: preempted requests are recomputed (their evictions forgotten)
     or swapped (their entries kept), and the budget still bounds every step."""
     check, _ = _bounded("h2o", 0.5)
-    engine, requests = _serve(tiny, _config("h2o:budget=0.5", num_blocks=24, preemption=preemption),
+    engine, requests = _serve(tiny, _config("h2o:budget=0.5", num_blocks=14, preemption=preemption),
                               _prompts(), on_step=check)
     assert sum(r.preemptions for r in requests) > 0
     assert all(len(r.output_ids) == 40 for r in requests)
