@@ -7,12 +7,20 @@ import torch
 import torch.nn.functional as F
 
 from kvbench.errors import KvbenchError
-from kvbench.serve.attention import ATTENTION_NAME, Chunk, StepContext, check_servable, paged_attention, \
+from kvbench.serve.attention import ATTENTION_NAME, Chunk, SingleGroup, StepContext, check_servable, paged_attention, \
     paged_attention_forward
 from kvbench.serve.kv import KVStore
-from kvbench.serve.runner import context_slots
+from kvbench.serve.runner import context_slots, single_groups
 
 H, KVH, D, BS, BLOCKS = 4, 2, 8, 4, 32
+
+
+def test_single_rows_are_grouped_only_where_padding_wastes_enough():
+    assert single_groups([]) == []
+    assert single_groups([300] * 16) == [(0, 16)]
+    assert single_groups([2064] + [300] * 16) == [(0, 1), (1, 17)]  # 16 x 1764 padded slots saved
+    assert single_groups([400, 300, 200]) == [(0, 3)]  # too few slots saved for another gather
+    assert single_groups([4096, 2048, 1024, 10]) == [(0, 1), (1, 4)]
 
 
 def _reference(q, k, v):
@@ -24,7 +32,9 @@ def _reference(q, k, v):
     return out.transpose(0, 1)  # [n, H, d]
 
 
-def test_paged_attention_equals_sdpa_on_contiguous_tensors():
+@pytest.mark.parametrize("groups", [[(0, 3)], [(0, 1), (1, 3)], [(0, 1), (1, 2), (2, 3)]])
+def test_paged_attention_equals_sdpa_on_contiguous_tensors(groups):
+    """Single rows attended in one padded group or split into groups give the same output."""
     g = torch.Generator().manual_seed(0)
     store = KVStore(1, BLOCKS, BS, KVH, D, torch.float32, torch.device("cpu"))
     store.k[0].normal_(generator=g)  # garbage in every slot: only the table's slots may count
@@ -42,12 +52,15 @@ def test_paged_attention_equals_sdpa_on_contiguous_tensors():
         store.k[0].flatten(0, 1)[slots] = full_k[-1][:past]
         store.v[0].flatten(0, 1)[slots] = full_v[-1][:past]
     q = [torch.randn(new, H, D, generator=g) for _, new in shapes]
-    singles = range(3)
-    longest = max(shapes[i][0] + 1 for i in singles)
-    width = -(-longest // BS)
-    table = torch.stack([torch.cat([tables[i], torch.zeros(width, dtype=torch.long)])[:width] for i in singles])
-    span = torch.arange(longest)
-    lengths = torch.tensor([shapes[i][0] + 1 for i in singles])
+    single_groups_ = []
+    for r0, r1 in groups:
+        longest = max(shapes[i][0] + 1 for i in range(r0, r1))
+        width = -(-longest // BS)
+        table = torch.stack([torch.cat([tables[i], torch.zeros(width, dtype=torch.long)])[:width] for i in range(r0, r1)])
+        span = torch.arange(longest)
+        lengths = torch.tensor([shapes[i][0] + 1 for i in range(r0, r1)])
+        mask = (span[None] < lengths[:, None])[:, None, None]
+        single_groups_.append(SingleGroup(r0, r1, context_slots(table, span, BS), mask))
     chunks, q0 = [], 3
     for i in (3, 4):
         past, new = shapes[i]
@@ -56,8 +69,7 @@ def test_paged_attention_equals_sdpa_on_contiguous_tensors():
         chunks.append(Chunk(q0, q0 + new, context_slots(tables[i], span_i, BS), mask))
         q0 += new
     slot_mapping = torch.cat([context_slots(tables[i], torch.arange(p, p + n), BS) for i, (p, n) in enumerate(shapes)])
-    ctx = StepContext(store, slot_mapping, 3, context_slots(table, span, BS),
-                      (span[None] < lengths[:, None])[:, None, None], tuple(chunks))
+    ctx = StepContext(store, slot_mapping, 3, tuple(single_groups_), tuple(chunks))
     packed = lambda parts: torch.cat(parts).transpose(0, 1)[None]  # [1, heads, T, d]
     new_k = [k[p:] for k, (p, _) in zip(full_k, shapes)]
     new_v = [v[p:] for v, (p, _) in zip(full_v, shapes)]

@@ -3,8 +3,10 @@
 The engine runs the model on one packed row `[1, T]` without a transformers cache, and passes a
 `StepContext` as a forward keyword (`kvbench_ctx`); transformers hands keyword arguments down to the
 attention function, which writes each new token's K/V into its slot in the pool and attends:
-- rows with one query token (decode, or a one-token chunk) together: one gather of every row's context
-  slots, padded to the longest, and one SDPA with a key-padding mask (none when no row is padded);
+- rows with one query token (decode, or a one-token chunk) in groups of similar context length: per group
+  one gather of its rows' context slots, padded to the group's longest, and one SDPA with a key-padding
+  mask (none when no row is padded). Grouping keeps one long request from padding every short one to
+  its length (`runner.single_groups`);
 - longer prefill chunks one by one: SDPA over the chunk's context slots with a causal mask offset by
   the tokens before the chunk (plain `is_causal` when there are none).
 Positions here are a request's table entries (its kept tokens, in order, after a policy evicted; see
@@ -46,17 +48,31 @@ class Chunk:
 
 
 @dataclass(frozen=True)
+class SingleGroup:
+    """Single-token rows [r0, r1) of the packed row, attended together over their context slots."""
+
+    r0: int
+    r1: int
+    index: torch.Tensor  # [Bg, Lg] slots of each row's context (0 where padded)
+    mask: torch.Tensor | None  # [Bg, 1, 1, Lg] bool; None when every row has Lg tokens
+
+
+@dataclass(frozen=True)
 class StepContext:
     """One step's metadata, shared by every layer: packed rows are the single-token rows first
-    (`num_single`), then the chunks."""
+    (`num_single`, in `singles` groups), then the chunks."""
 
     store: KVStore
     slot_mapping: torch.Tensor  # [T]: where each packed row's K/V is written
     num_single: int
-    single_index: torch.Tensor | None  # [B, Lmax] slots of each single row's context (0 where padded)
-    single_mask: torch.Tensor | None  # [B, 1, 1, Lmax] bool; None when every row has Lmax tokens
+    singles: tuple[SingleGroup, ...]
     chunks: tuple[Chunk, ...]
-    single_mass: torch.Tensor | None = None  # [B, Lmax] float32: gets each single row's attention per entry
+    single_mass: torch.Tensor | None = None  # [num_single, single_width] float32: each single row's attention per entry
+
+    @property
+    def single_width(self) -> int:
+        """The longest context of a single row."""
+        return max((g.index.shape[1] for g in self.singles), default=0)
 
 
 def paged_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -69,20 +85,20 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
     k_pool.index_copy_(0, ctx.slot_mapping, key[0].transpose(0, 1))
     v_pool.index_copy_(0, ctx.slot_mapping, value[0].transpose(0, 1))
     out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [T, H, d]
-    b = ctx.num_single
-    if b:
-        index = ctx.single_index.flatten()
-        shape = (*ctx.single_index.shape, *k_pool.shape[1:])
-        keys = k_pool.index_select(0, index).view(shape).transpose(1, 2)  # [B, kvh, Lmax, d]
-        values = v_pool.index_select(0, index).view(shape).transpose(1, 2)
-        # One query per row: the heads sharing a KV head become that head's queries ([B, kvh, group, d]),
+    for g in ctx.singles:
+        b = g.r1 - g.r0
+        shape = (*g.index.shape, *k_pool.shape[1:])
+        keys = k_pool.index_select(0, g.index.flatten()).view(shape).transpose(1, 2)  # [Bg, kvh, Lg, d]
+        values = v_pool.index_select(0, g.index.flatten()).view(shape).transpose(1, 2)
+        # One query per row: the heads sharing a KV head become that head's queries ([Bg, kvh, group, d]),
         # so GQA needs neither repeated K/V nor enable_gqa (as transformers' sdpa does for decode).
-        q = query[0, :, :b].transpose(0, 1).reshape(b, keys.shape[1], -1, query.shape[3])
+        q = query[0, :, g.r0:g.r1].transpose(0, 1).reshape(b, keys.shape[1], -1, query.shape[3])
         if ctx.single_mass is None:
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.single_mask, scale=scaling)
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=g.mask, scale=scaling)
         else:
-            o = scored_attention(q, keys, values, ctx.single_mask, scaling, ctx.single_mass)
-        out[:b] = o.reshape(b, query.shape[1], query.shape[3])
+            mass = ctx.single_mass[g.r0:g.r1, :g.index.shape[1]]
+            o = scored_attention(q, keys, values, g.mask, scaling, mass)
+        out[g.r0:g.r1] = o.reshape(b, query.shape[1], query.shape[3])
     for c in ctx.chunks:
         if c.mask is None:  # no past: the chunk's own K/V are its whole context
             keys, values = key[:, :, c.q0:c.q1], value[:, :, c.q0:c.q1]

@@ -114,11 +114,12 @@ class PagedPolicy:
 
     def instrument(self, rows: list[Row], inputs: StepInputs) -> StepInputs:
         """Give the step's attention the buffers that the mass of the scored rows is added to."""
-        singles, chunks = _split(rows)
+        singles, chunks = inputs.singles, inputs.chunks
         ctx = inputs.ctx
         single_mass = None
         if any(self.mass_queries(r) for r in singles):
-            single_mass = torch.zeros(ctx.single_index.shape, dtype=torch.float32, device=ctx.single_index.device)
+            single_mass = torch.zeros((ctx.num_single, ctx.single_width), dtype=torch.float32,
+                                      device=ctx.slot_mapping.device)
         packed = []
         for chunk, row in zip(ctx.chunks, chunks):
             n = self.mass_queries(row)
@@ -128,7 +129,7 @@ class PagedPolicy:
 
     def after_step(self, rows: list[Row], inputs: StepInputs, kv: KV) -> None:
         """Add the step's mass to its requests' entries; evict from requests whose prefill is done."""
-        singles, chunks = _split(rows)
+        singles, chunks = inputs.singles, inputs.chunks
         ctx, emitted = inputs.ctx, {r.request.request_id for r in inputs.emitting}
         masses = {}
         if ctx.single_mass is not None:
@@ -228,11 +229,6 @@ POLICIES: dict[str, Callable[[CacheStrategy, int], PagedPolicy]] = {
     "h2o": H2OPolicy,
     "snapkv": SnapKVPolicy,
 }
-
-
-def _split(rows: list[Row]) -> tuple[list[Row], list[Row]]:
-    """The rows as `runner.prepare` packs them: single-token rows, then chunks."""
-    return [r for r in rows if r.n == 1], [r for r in rows if r.n > 1]
 
 
 def _check_scored(ctx: StepContext, kv: KV, num_single: int) -> None:

@@ -12,7 +12,7 @@ import torch
 
 from kvbench.engine import model_runner
 from kvbench.engine.sampling import Sampler
-from kvbench.serve.attention import Chunk, StepContext, paged_attention
+from kvbench.serve.attention import Chunk, SingleGroup, StepContext, paged_attention
 from kvbench.serve.block_pool import BlockPool
 from kvbench.serve.kv import KVStore
 from kvbench.serve.scheduler import Row
@@ -25,6 +25,8 @@ class StepInputs:
     logits_indices: torch.Tensor  # [E]: the packed row of each emitting request's last token
     emitting: list[Row]  # in the order of logits_indices
     ctx: StepContext
+    singles: list[Row]  # the single-token rows in packed order (the rows of ctx.single_mass)
+    chunks: list[Row]  # the chunks' rows, in the order of ctx.chunks
 
 
 def context_slots(table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -32,9 +34,26 @@ def context_slots(table: torch.Tensor, positions: torch.Tensor, block_size: int)
     return table[..., positions // block_size] * block_size + positions % block_size
 
 
+# A new group of single rows starts where padding the remaining rows to the current group's length would
+# waste at least this many token slots: about what one more gather + SDPA per layer costs on a CPU (a
+# long request then no longer pads every short row beside it to its length).
+GROUP_MIN_SAVED_SLOTS = 4096
+
+
+def single_groups(lengths: list[int]) -> list[tuple[int, int]]:
+    """Split rows sorted by context length, longest first, into [r0, r1) groups attended together."""
+    groups, r0 = [], 0
+    for i in range(1, len(lengths)):
+        if (lengths[r0] - lengths[i]) * (len(lengths) - i) >= GROUP_MIN_SAVED_SLOTS:
+            groups.append((r0, i))
+            r0 = i
+    return groups + [(r0, len(lengths))] if lengths else []
+
+
 def prepare(rows: list[Row], pool: BlockPool, store: KVStore, device: torch.device) -> StepInputs:
-    """Pack the plan's rows into one `[1, T]` row: single-token rows first (attended together), then chunks."""
-    singles = [r for r in rows if r.n == 1]
+    """Pack the plan's rows into one `[1, T]` row: single-token rows first, longest context first (attended in
+    groups), then chunks."""
+    singles = sorted((r for r in rows if r.n == 1), key=lambda r: -r.entry)
     chunks = [r for r in rows if r.n > 1]
     ordered = singles + chunks
     ids, positions, slots, last = [], [], [], []
@@ -45,17 +64,19 @@ def prepare(rows: list[Row], pool: BlockPool, store: KVStore, device: torch.devi
         slots.extend(pool.slots(row.request.request_id, row.entry, row.entry + row.n))
         last.append(len(ids) - 1)
     bs = pool.block_size
-    single_index = single_mask = None
-    if singles:
-        lengths = torch.tensor([r.entry + 1 for r in singles], device=device)  # entries attended
-        longest = int(max(r.entry + 1 for r in singles))
+    lengths = [r.entry + 1 for r in singles]  # entries attended
+    groups = []
+    for r0, r1 in single_groups(lengths):
+        longest = lengths[r0]
         width = pool.blocks_for(longest)
-        tables = [pool.tables[r.request.request_id][:width] for r in singles]
+        tables = [pool.tables[r.request.request_id][:width] for r in singles[r0:r1]]
         table = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device)
         span = torch.arange(longest, device=device)
-        single_index = context_slots(table, span, bs)  # padding reads block 0's slots, masked out below
-        if any(r.entry + 1 < longest for r in singles):
-            single_mask = (span[None] < lengths[:, None])[:, None, None]
+        index = context_slots(table, span, bs)  # padding reads block 0's slots, masked out below
+        mask = None
+        if lengths[r1 - 1] < longest:
+            mask = (span[None] < torch.tensor(lengths[r0:r1], device=device)[:, None])[:, None, None]
+        groups.append(SingleGroup(r0, r1, index, mask))
     packed_chunks, q0 = [], len(singles)
     for row in chunks:  # in entries: a request that evicted attends its kept entries and its new ones causally
         end = row.entry + row.n
@@ -66,8 +87,7 @@ def prepare(rows: list[Row], pool: BlockPool, store: KVStore, device: torch.devi
             mask = span[None] <= torch.arange(row.entry, end, device=device)[:, None]
         packed_chunks.append(Chunk(q0, q0 + row.n, context_slots(table, span, bs), mask))
         q0 += row.n
-    ctx = StepContext(store, torch.tensor(slots, device=device), len(singles), single_index, single_mask,
-                      tuple(packed_chunks))
+    ctx = StepContext(store, torch.tensor(slots, device=device), len(singles), tuple(groups), tuple(packed_chunks))
     emitting = [(i, row) for i, row in zip(last, ordered) if row.emits]
     return StepInputs(
         input_ids=torch.tensor([ids], device=device),
@@ -75,6 +95,8 @@ def prepare(rows: list[Row], pool: BlockPool, store: KVStore, device: torch.devi
         logits_indices=torch.tensor([i for i, _ in emitting], dtype=torch.long, device=device),
         emitting=[row for _, row in emitting],
         ctx=ctx,
+        singles=singles,
+        chunks=chunks,
     )
 
 
