@@ -6,6 +6,8 @@ import random
 
 import pytest
 
+from kvbench.strategies.budget import capacity
+
 from kvbench.bench.suite import parse_strategy
 from kvbench.engine import GenerationConfig, generate
 from kvbench.errors import KvbenchError
@@ -62,6 +64,9 @@ def _step(engine) -> None:
         strategy, caches = engine.kv.store.strategy, engine.kv.store.caches
         assert engine.step_log[-1].kv_bytes_used == sum(strategy.kv_bytes(c) for c in caches.values())
         assert engine.step_log[-1].kv_bytes_reserved >= engine.step_log[-1].kv_bytes_used
+    ledger = engine.kv.pool  # each request's share: its cache's bytes rounded up to whole tokens of full KV
+    expected = {r: -(-engine.kv.store.nbytes(r) // ledger.token_bytes) for r in ledger.held}
+    assert ledger.held == expected and ledger.usage().used == sum(expected.values())
 
 
 def test_every_strategy_is_covered():
@@ -90,6 +95,9 @@ def test_per_seq_tokens_equal_the_strategy_through_generate(tiny, rows_seen, nam
     requests = [engine.requests[i] for i in ids]
     for prompt, request in zip(prompts, requests):
         assert request.output_ids == _reference(tiny, strategy, prompt), f"{strategy}: request {request.request_id}"
+    # every growth fit the share ensured before the step (token_bytes_bound is an upper bound), but static's
+    # preallocation of prompt + max_tokens in its first step
+    assert (engine.kv.pool.overruns > 0) == (name == "static")
     assert max(s.num_running for s in engine.step_log) > 1  # requests really ran side by side
     assert not engine.kv.store.caches and engine.kv.pool.usage().used == 0  # every cache freed at the end
     prompt_rows = {}  # request id -> the sizes of the rows that computed its prompt
@@ -139,6 +147,60 @@ def test_abort_frees_the_cache_and_its_bytes(tiny):
     assert engine.requests[ids[1]].finish_reason.value == "abort"
     assert engine.requests[ids[0]].output_ids == _reference(tiny, "h2o:budget=0.5:window=4", _prompts()[0])
     assert engine.kv.pool.usage().used == 0 and engine.kv.pool.usage().bytes_used == 0
+
+
+def _peak_running(tiny, strategy: str, prompts, cap_tokens: int) -> tuple[int, list]:
+    config = EngineConfig(kv_backend="per_seq", strategy=strategy, kv_cache_memory=cap_tokens * tiny.kv_bytes_per_token,
+                          watermark=0.0)
+    engine = Engine(tiny, config)
+    ids = [engine.add_request(p, GREEDY) for p in prompts]
+    while engine.has_work():
+        _step(engine)
+    return max(s.num_running for s in engine.step_log), [engine.requests[i] for i in ids]
+
+
+def test_admission_counts_real_bytes_so_eviction_admits_more_and_fetch_fewer(tiny):
+    prompts = _prompts(seed=2, lengths=(64,) * 8)
+    cap = 160  # tokens of full KV: two 64-token prompts at full size, not three
+    full, _ = _peak_running(tiny, "dynamic", prompts, cap)
+    evicting, requests = _peak_running(tiny, "h2o:budget=0.25:window=4", prompts, cap)
+    fetching, _ = _peak_running(tiny, "speculative_fetch:budget=0.25:window=4", prompts, 2 * 64 + 12)
+    assert full == 2 and evicting > full  # h2o's caches shrink to a quarter after prefill: more requests fit
+    for prompt, request in zip(prompts, requests):
+        assert request.output_ids == _reference(tiny, "h2o:budget=0.25:window=4", prompt)
+    # speculative_fetch's partial keys are extra: two prompts at full KV + 12 tokens fit, not at its bound
+    assert fetching == 1
+
+
+def test_reserve_promise_covers_the_bound_and_returns_what_the_cache_frees(tiny):
+    engine = Engine(tiny, EngineConfig(kv_backend="per_seq", strategy="h2o:budget=0.25:window=4", admission="reserve"))
+    [request_id] = [engine.add_request(_prompts(seed=3, lengths=(64,))[0], GREEDY)]
+    ledger = engine.kv.pool
+    _step(engine)  # prefill: 64 tokens seen, a quarter kept
+    bound = engine.requests[request_id].max_total_tokens  # prompt + max_tokens - 1 (the last token is never fed)
+    assert ledger.held[request_id] < 64 and ledger.held[request_id] + ledger.promised[request_id] == bound
+    engine.run_until_idle()
+    assert ledger.usage().used == 0 and ledger.usage().promised == 0
+
+
+def _token_bytes_per_layer(tiny) -> int:
+    return tiny.kv_bytes_per_token // tiny.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("strategy", ["offloaded", "speculative_fetch:budget=0.25:window=4", "dynamic"])
+def test_bytes_moved_per_request_are_exact(tiny, strategy):
+    prompts = _prompts(seed=4, lengths=(40, 64))
+    engine = Engine(tiny, EngineConfig(kv_backend="per_seq", strategy=strategy))
+    requests = engine.generate(prompts, GREEDY)
+    for request in requests:
+        p, decodes = len(request.prompt_ids), len(request.output_ids) - 1
+        if strategy == "dynamic":
+            assert request.bytes_moved is None
+        elif strategy == "offloaded":  # each decode step brings every layer's stored KV in
+            assert request.bytes_moved == tiny.kv_bytes_per_token * sum(p + j for j in range(decodes))
+        else:  # each decode step fetches its budget's top tokens (at least window + 1) of the n held
+            fetched = sum(min(n, max(capacity(0.25, n), 5)) for n in range(p + 1, p + 1 + decodes))
+            assert request.bytes_moved == tiny.kv_bytes_per_token * fetched
 
 
 @pytest.mark.parametrize("fields, message", [
