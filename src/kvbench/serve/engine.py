@@ -145,7 +145,7 @@ class Engine:
         t1 = self.now()
         inputs = self.runner.prepare(plan.rows, self.kv.pool, self.kv.store, self.lm.device)
         if self.kv.policy is not None:
-            inputs = self.kv.policy.instrument(plan.rows, inputs)
+            inputs = self.kv.policy.instrument(inputs)
         t2 = self.now()
         logits = self.runner.run_model(self.lm.model, inputs)
         t3 = self.now()

@@ -112,7 +112,7 @@ class PagedPolicy:
         """How many of the row's last queries have their attention mass taken (0: none)."""
         return 0
 
-    def instrument(self, rows: list[Row], inputs: StepInputs) -> StepInputs:
+    def instrument(self, inputs: StepInputs) -> StepInputs:
         """Give the step's attention the buffers that the mass of the scored rows is added to."""
         singles, chunks = inputs.singles, inputs.chunks
         ctx = inputs.ctx
@@ -136,7 +136,7 @@ class PagedPolicy:
             masses = {r.request.request_id: ctx.single_mass[i, :r.entry + 1] for i, r in enumerate(singles)
                       if self.mass_queries(r)}
         masses.update({r.request.request_id: c.mass for c, r in zip(ctx.chunks, chunks) if c.mass is not None})
-        _check_scored(ctx, kv, len(singles))
+        _check_scored(ctx, kv)
         for row in rows:
             request = row.request
             if request.finished:
@@ -231,12 +231,12 @@ POLICIES: dict[str, Callable[[CacheStrategy, int], PagedPolicy]] = {
 }
 
 
-def _check_scored(ctx: StepContext, kv: KV, num_single: int) -> None:
+def _check_scored(ctx: StepContext, kv: KV) -> None:
     """Every scored query's probabilities sum to one per KV head and layer, so the buffers must hold
     exactly queries x KV heads x layers: anything else means the attention never scored them."""
     total, queries = 0.0, 0
     if ctx.single_mass is not None:
-        total, queries = float(ctx.single_mass.sum()), num_single
+        total, queries = float(ctx.single_mass.sum()), ctx.num_single
     for chunk in ctx.chunks:
         if chunk.mass is not None:
             total, queries = total + float(chunk.mass.sum()), queries + chunk.mass_queries
