@@ -1,5 +1,6 @@
 """The registered paged attention against SDPA on contiguous tensors, and its scoping on the model config."""
 
+import dataclasses
 import types
 
 import pytest
@@ -80,6 +81,17 @@ def test_paged_attention_equals_sdpa_on_contiguous_tensors(groups):
     for i, (past, new) in enumerate(shapes):  # the new K/V were written to their slots
         slots = context_slots(tables[i], torch.arange(past + new), BS)
         torch.testing.assert_close(store.k[0].flatten(0, 1)[slots], full_k[i])
+    # with a mass buffer (a scoring policy), each single row's scores go to its own row of it, in every group
+    mass = torch.zeros(3, ctx.single_width)
+    out, _ = paged_attention_forward(types.SimpleNamespace(layer_idx=0), packed(q), packed(new_k), packed(new_v),
+                                     None, scaling=D ** -0.5, kvbench_ctx=dataclasses.replace(ctx, single_mass=mass))
+    torch.testing.assert_close(out[0], expected, atol=1e-5, rtol=1e-5)
+    for i in range(3):
+        keys = full_k[i].repeat_interleave(H // KVH, dim=1)  # [L, H, d]
+        probs = torch.einsum("hd,lhd->hl", q[i][0], keys).mul(D ** -0.5).softmax(-1)  # [H, L]
+        expected_mass = probs.view(KVH, H // KVH, -1).mean(1).sum(0)
+        torch.testing.assert_close(mass[i, :len(expected_mass)], expected_mass, atol=1e-5, rtol=1e-5)
+        assert not mass[i, len(expected_mass):].any()
 
 
 def test_attention_outside_the_engine_is_refused():
