@@ -81,15 +81,12 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
     ctx = kvbench_ctx
     if ctx is None:
         raise KvbenchError(f"{ATTENTION_NAME} attention runs only inside kvbench.serve's engine step")
-    k_pool, v_pool = ctx.store.flat(module.layer_idx)
-    k_pool.index_copy_(0, ctx.slot_mapping, key[0].transpose(0, 1))
-    v_pool.index_copy_(0, ctx.slot_mapping, value[0].transpose(0, 1))
+    layer = module.layer_idx
+    ctx.store.write(layer, ctx.slot_mapping, key[0].transpose(0, 1), value[0].transpose(0, 1))
     out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [T, H, d]
     for g in ctx.singles:
         b = g.r1 - g.r0
-        shape = (*g.index.shape, *k_pool.shape[1:])
-        keys = k_pool.index_select(0, g.index.flatten()).view(shape).transpose(1, 2)  # [Bg, kvh, Lg, d]
-        values = v_pool.index_select(0, g.index.flatten()).view(shape).transpose(1, 2)
+        keys, values = (t.transpose(1, 2) for t in ctx.store.gather(layer, g.index))  # [Bg, kvh, Lg, d]
         # One query per row: the heads sharing a KV head become that head's queries ([Bg, kvh, group, d]),
         # so GQA needs neither repeated K/V nor enable_gqa (as transformers' sdpa does for decode).
         q = query[0, :, g.r0:g.r1].transpose(0, 1).reshape(b, keys.shape[1], -1, query.shape[3])
@@ -103,7 +100,7 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
         if c.mask is None:  # no past: the chunk's own K/V are its whole context
             keys, values = key[:, :, c.q0:c.q1], value[:, :, c.q0:c.q1]
         else:
-            keys, values = k_pool[c.slots].transpose(0, 1)[None], v_pool[c.slots].transpose(0, 1)[None]
+            keys, values = (t.transpose(0, 1)[None] for t in ctx.store.gather(layer, c.slots))
         o = F.scaled_dot_product_attention(query[:, :, c.q0:c.q1], keys, values, attn_mask=c.mask,
                                            is_causal=c.mask is None, scale=scaling, enable_gqa=True)
         out[c.q0:c.q1] = o[0].transpose(0, 1)

@@ -39,6 +39,20 @@ class KVStore:
     def flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[layer].flatten(0, 1), self.v[layer].flatten(0, 1)
 
+    def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store new tokens' K/V `[T, kvh, d]` in `slots` `[T]` of `layer` (the attention's only write)."""
+        k_pool, v_pool = self.flat(layer)
+        k_pool.index_copy_(0, slots, keys)
+        v_pool.index_copy_(0, slots, values)
+
+    def gather(self, layer: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V `[*index.shape, kvh, d]` of the slots in `index` (the attention's only read): a store that
+        holds its KV elsewhere or encoded (host tier, quantized blocks) overrides this and `write`."""
+        k_pool, v_pool = self.flat(layer)
+        shape = (*index.shape, *k_pool.shape[1:])
+        flat = index.flatten()
+        return k_pool.index_select(0, flat).view(shape), v_pool.index_select(0, flat).view(shape)
+
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy the K/V of slots `src` into slots `dst` in every layer (all read before any is written)."""
         for layer in range(len(self.k)):
