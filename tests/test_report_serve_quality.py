@@ -2,7 +2,7 @@
 
 import pytest
 
-from kvbench.report.serve_quality import QUALITY_BAR, against_reference, choice_section, reference_key
+from kvbench.report.serve_quality import QUALITY_BAR, against_reference, choice_section, quality_section, reference_key
 
 
 def _records(engine, method, outputs, digest="d", trial=0):
@@ -48,3 +48,34 @@ def test_the_choice_is_the_best_goodput_at_the_quality_bar_and_names_the_exclude
     lines = [line for line in section.lines if line.startswith("| inf")]
     assert lines[0].split("|")[3].strip() == "`int8`" and "h2o (0.50)" in lines[0]
     assert lines[1].split("|")[3].strip() == "`full`" and lines[1].rstrip(" |").endswith("none")
+
+
+def test_task_accuracy_is_shown_beside_the_references():
+    def point(engine, accuracy):
+        return {"engine": engine, "method": engine, "request_rate": "inf", "kv_cache_memory": 1, "comparable": True,
+                "budget": None, "output_tokens.mean": 4.0, "output_length_change": 0.0, "greedy_agreement": 1.0,
+                "diverged": 0, "pairs": 2, "first_divergence.mean": None, "accuracy": accuracy}
+
+    points = {"full@inf": point("full", 0.75), "h2o@inf": point("h2o", 0.25), "int8@inf": point("int8", float("nan"))}
+    lines = [line for line in quality_section(points, "full", True).lines if line.startswith("| ")]
+    cells = {line.split("|")[1].strip(): line.split("|")[8].strip() for line in lines[1:]}
+    assert cells == {"full@inf": "0.75 (0.75)", "h2o@inf": "0.25 (0.75)", "int8@inf": ""}
+
+
+def test_a_needle_output_scores_one_only_when_it_holds_every_answer():
+    from kvbench.bench.serve_session import Planned, task_score
+    from kvbench.workloads.request import Request
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens=False):
+            return " ".join(map(str, ids))
+
+    class Served:
+        output_ids = [41, 7]
+
+    def planned(answers):
+        return Planned(0, "main", 0.0, Request(0, ("q",), 4, answers=answers))
+
+    assert task_score(Served, planned(("41",)), Tok()) == {"accuracy": 1.0}
+    assert task_score(Served, planned(("41", "8")), Tok()) == {"accuracy": 0.0}
+    assert task_score(Served, planned(()), Tok()) == {"accuracy": None}

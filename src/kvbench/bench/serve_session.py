@@ -132,7 +132,9 @@ class ServeSession:
         base = {"point": point.key, "trial": trial, "warmup": warmup, **point.fields()}
         if not warmup:
             append_steps(self.options.out / STEPS, ({**base, **step_record(s, t0)} for s in engine.step_log))
-        records = [{**base, **request_record(engine.requests[i], p, t0)} for i, p in zip(ids, plan)]
+        tok = for_model(self.lm)
+        records = [{**base, **request_record(engine.requests[i], p, t0), **task_score(engine.requests[i], p, tok)}
+                   for i, p in zip(ids, plan)]
         return engine, records
 
 
@@ -160,6 +162,15 @@ def request_record(request, planned: Planned, t0: float) -> dict:
         "prompt_digest": prompt_digest(request.prompt_ids), "output_ids": list(request.output_ids),
         "prefix_id": req.prefix_id, "shared_prefix": req.shared_prefix, "turn": req.turn, "time": time.time(),
     }
+
+
+def task_score(request, planned: Planned, tok) -> dict:
+    """The output's task accuracy where the workload knows the answers (needle: 1.0 when every answer is in
+    the decoded output), else None."""
+    answers = planned.request.answers
+    if not answers:
+        return {"accuracy": None}
+    return {"accuracy": planned.request.score(tok.decode(list(request.output_ids), skip_special_tokens=True))}
 
 
 def prompt_digest(ids: list[int]) -> str:

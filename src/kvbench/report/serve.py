@@ -36,6 +36,7 @@ def trial_stats(records: list[dict], steps: list[dict], slo: dict[str, float] | 
     stats.update({f: summarize(r.get(f) for r in records) for f in ("queue_ms", "prefill_ms")})
     used = sum(s["kv_bytes_used"] for s in steps)
     moved = [r["bytes_moved"] for r in records if r.get("bytes_moved") is not None]
+    scored = [r["accuracy"] for r in records if r.get("accuracy") is not None]
     out = {"duration_s": tp.duration_s, "completed": tp.completed, "output_tokens": tp.output_tokens,
            "output_throughput": tp.output_token_throughput, "request_throughput": tp.request_throughput,
            "total_token_throughput": tp.total_token_throughput, "goodput": tp.goodput,
@@ -49,7 +50,9 @@ def trial_stats(records: list[dict], steps: list[dict], slo: dict[str, float] | 
            "kv_reserved_over_used": sum(s["kv_bytes_reserved"] for s in steps) / used if used else None,
            "steps": len(steps),
            # offload / fetch strategies: KV bytes brought to the compute device per output token
-           "bytes_moved_per_token": sum(moved) / tp.output_tokens if moved and tp.output_tokens else None}
+           "bytes_moved_per_token": sum(moved) / tp.output_tokens if moved and tp.output_tokens else None,
+           # task accuracy where the workload knows the answers (needle): share of outputs holding them
+           "accuracy": sum(scored) / len(scored) if scored else None}
     for name in LATENCIES:
         out.update({f"{name}.{p}": getattr(stats[name], p) for p in ("p50", "p99")})
     return out

@@ -9,6 +9,8 @@ reference's is not compared. Greedy agreement and first divergence are `kvbench.
 
 from __future__ import annotations
 
+import math
+
 from kvbench.bench.metrics import summarize
 from kvbench.bench.quality import greedy_agreement
 from kvbench.report.document import Section
@@ -54,19 +56,21 @@ def against_reference(records: dict[str, list[dict]], fields: dict[str, dict], r
 
 def quality_section(points: dict[str, dict], reference: str, eos_honoured: bool) -> Section:
     header = ("point", "budget", "out tokens mean", "length vs reference", "greedy agreement", "diverged / pairs",
-              "first divergence mean", "bytes moved / out token KiB")
+              "first divergence mean", "task accuracy (reference)", "bytes moved / out token KiB")
     rows = []
     for key, p in points.items():
         kib = p.get("bytes_moved_per_token")
         kib = None if kib is None else kib / 1024
+        ref = points.get(reference_key(p, reference), {})
+        accuracy = "" if not _finite(p.get("accuracy")) else f"{num(p['accuracy'], 2)} ({num(ref.get('accuracy'), 2)})"
         if not p.get("comparable"):
             rows.append((key, num(p.get("budget"), 2), num(p.get("output_tokens.mean"), 1), "prompts differ or no "
-                         "reference", "", "", "", num(kib, 1)))
+                         "reference", "", "", "", accuracy, num(kib, 1)))
             continue
         change = p["output_length_change"]
         rows.append((key, num(p.get("budget"), 2), num(p["output_tokens.mean"], 1),
                      "" if change is None else f"{change:+.1%}", num(p["greedy_agreement"], 3),
-                     f"{p['diverged']} / {p['pairs']}", num(p["first_divergence.mean"], 1), num(kib, 1)))
+                     f"{p['diverged']} / {p['pairs']}", num(p["first_divergence.mean"], 1), accuracy, num(kib, 1)))
     length = ("EOS is honoured, so each output ends where its engine's model stops: the length change is a "
               "measurement" if eos_honoured else "EOS is ignored (every output runs to max_tokens), so lengths "
               "do not change; run with ignore_eos: false to measure it")
@@ -74,7 +78,9 @@ def quality_section(points: dict[str, dict], reference: str, eos_honoured: bool)
         f"Each point's requests against the same requests (same prompt digests, same rate and KV cap) served by "
         f"`{reference}`. {length}. Greedy agreement: the share of the reference's output tokens matched position "
         "by position (an output that stops early mismatches the rest), averaged over requests; first divergence: "
-        "the index of the first differing token, averaged over the requests that diverged. Bytes moved: keys and "
+        "the index of the first differing token, averaged over the requests that diverged. Task accuracy (where the "
+        "workload knows its answers, as needle does): the share of outputs that contain every answer, with the "
+        "reference's in brackets. Bytes moved: keys and "
         "values brought from the offload side to the compute device (offloaded: the stored KV of every layer at "
         "each step; speculative_fetch: the fetched tokens) per output token. On a CPU these are host-to-host "
         "copies: the bytes are exact, and the time they would save needs a GPU."))
@@ -110,6 +116,10 @@ def choice_section(points: dict[str, dict], reference: str, slo: dict | None) ->
         f"with `{reference}` is at least {QUALITY_BAR}; engines below that bar, or not comparable, are named with "
         "their agreement. One workload and one model: the choice holds for this workload's prompt and output "
         "lengths, not in general."))
+
+
+def _finite(x) -> bool:
+    return x is not None and math.isfinite(x)
 
 
 def _agreement(point: dict) -> str:
