@@ -21,7 +21,9 @@ FLAG_NAMES = {"enable_prefix_caching": "prefix-caching"}  # field -> flag name, 
 HELP = {"kv_cache_memory": "the KV pool's size, e.g. 512MiB (default 256MiB)",
         "num_blocks": "the KV pool's size in blocks (wins over --kv-cache-memory)",
         "swap_space": "the host tier's size for --preemption swap, e.g. 4GiB (default: unlimited)",
-        "max_model_len": "default: the model's context window"}  # where "default <value>" does not say it
+        "max_model_len": "default: the model's context window",
+        "kv_spill_ram": "spill evicted prefix blocks into a RAM tier of this size, e.g. 1GiB (default: no spill)",
+        "kv_spill_dir": "and into a disk tier in this directory (needs --kv-spill-ram)"}  # where "default <value>" does not say it
 STEP_LOG_LIMIT = 1000  # the server's engine keeps its last steps' stats, not every step's
 TYPES = {"int": int, "float": float, "str": str}
 
