@@ -12,7 +12,8 @@ from kvbench.reuse.blocks import chain_keys
 from kvbench.serve import Engine, EngineConfig
 from kvbench.serve.metrics import ServerMetrics
 from kvbench.serve.spill import PoolSpill
-from test_serve_engine import GREEDY, _reference
+from test_serve_engine import GREEDY, _reference, _serve, checked_slots  # noqa: F401 (a fixture)
+from test_serve_engine import _prompts as engine_prompts
 from test_serve_swap import _block_bytes
 
 BS = 4
@@ -83,6 +84,18 @@ def test_a_prefix_partly_in_the_pool_continues_in_the_store(tiny):
     again = engine.generate(prompts[:1], GREEDY)[0]
     assert again.num_cached_by_tier == {"pool": held * BS, "ram": (7 - held) * BS}
     assert again.output_ids == _reference(tiny, prompts[0])
+
+
+@pytest.mark.parametrize("preemption", ["recompute", "swap"])
+def test_loaded_blocks_are_plain_keyed_blocks_under_preemption(tiny, checked_slots, preemption):
+    prompts = engine_prompts(seed=1)
+    config = EngineConfig(block_size=BS, num_blocks=30, max_num_batched_tokens=64, watermark=0.0,
+                          preemption=preemption, kv_spill_ram=MiB)
+    engine, requests = _serve(tiny, config, prompts + prompts, seed=1)  # each prompt twice, in a shuffled order
+    for prompt, request in zip(prompts + prompts, requests):
+        assert request.output_ids == _reference(tiny, prompt)
+        assert request.num_cached == sum(request.num_cached_by_tier.values())
+    assert sum(r.preemptions for r in requests) > 0 and engine.spill.stats()["tokens_loaded"]["ram"] > 0
 
 
 @pytest.fixture
