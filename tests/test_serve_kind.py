@@ -24,7 +24,8 @@ from kvbench.serve.engine import StepStats
 from kvbench.workloads import Request
 
 LOAD_FIELDS = set(Trace(Request(0, None, 4), 0.0, 0.0).record())  # every field of a `kvbench load` record
-ENGINE_FIELDS = {"queue_ms", "prefill_ms", "preemptions", "cached_tokens", "finish_reason", "stream", "max_tokens"}
+ENGINE_FIELDS = {"queue_ms", "prefill_ms", "preemptions", "cached_tokens", "tier_tokens", "finish_reason", "stream",
+                 "max_tokens"}
 POINT_FIELDS = {"point", "trial", "warmup", "engine", "kv_backend", "strategy", "max_num_seqs", "request_rate",
                 "kv_cache_memory"}
 STEP_FIELDS = {f.name for f in dataclasses.fields(StepStats)} | {"step_ms", "point", "trial"}
@@ -53,6 +54,7 @@ def test_a_serve_run_records_load_fields_timed_from_the_scheduled_arrival(tmp_pa
     assert len(records) == 4 * REQUESTS
     for r in records:
         assert LOAD_FIELDS | ENGINE_FIELDS | POINT_FIELDS <= set(r)
+        assert sum(r["tier_tokens"].values()) == r["cached_tokens"]
         assert r["status"] == "ok" and r["finish_reason"] == "length" and r["output_tokens"] == r["max_tokens"]
         assert r["sent_s"] == r["scheduled_s"] and r["send_lag_ms"] == 0.0
         assert 0 <= r["queue_ms"] <= r["ttft_ms"] <= r["e2e_ms"]

@@ -154,6 +154,7 @@ def request_record(request, planned: Planned, t0: float) -> dict:
         "end_s": line.end_s - t0, **asdict(timing),
         "prompt_tokens": len(request.prompt_ids), "output_tokens": len(request.output_ids),
         "max_tokens": request.params.max_tokens, "cached_tokens": request.num_cached or 0,
+        "tier_tokens": dict(request.num_cached_by_tier or {}),
         "usage_source": "engine", "output_tokens_by": "engine",
         "status": "ok" if request.finish_reason in (FinishReason.STOP, FinishReason.LENGTH) else "aborted",
         "error": None, "finish_reason": request.finish_reason.value, "preemptions": request.preemptions,

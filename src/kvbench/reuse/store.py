@@ -16,6 +16,7 @@ evicted is a plain miss.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -46,13 +47,16 @@ class Block:
     """K/V of one block for every layer: `kv` is [layers, 2 (key, value), kv_heads, block_size, head_dim].
 
     `position` is where the block's first token sat when it was computed (its keys carry that
-    rotation); `tokens` are its token ids, so a content match can be confirmed and re-indexed.
+    rotation); `tokens` are its token ids, so a content match can be confirmed and re-indexed; `parent`
+    is the chain key of the block before it where the writer recorded it (the serving engine's spill
+    does, so a hit is confirmed against its parent as the pool confirms its own).
     """
 
     kv: torch.Tensor
     position: int
     tokens: tuple[int, ...]
     content: str
+    parent: str | None = None
 
     @property
     def nbytes(self) -> int:
@@ -122,7 +126,7 @@ class RamTier:
         block, packed = entry
         if packed is None:
             return block
-        return Block(packed.unpack(), block.position, block.tokens, block.content)
+        return dataclasses.replace(block, kv=packed.unpack())
 
     def __contains__(self, key: str) -> bool:
         return key in self.entries
@@ -139,7 +143,7 @@ class RamTier:
             )
         while self.stats.bytes + size > self.budget:
             self._evict()
-        stored = Block(torch.empty(0), block.position, block.tokens, block.content) if packed is not None else block
+        stored = dataclasses.replace(block, kv=torch.empty(0)) if packed is not None else block
         self.entries[key] = (stored, packed)
         self.uses[key] = 0
         self.stats.bytes += size
@@ -258,7 +262,7 @@ class DiskTier:
             return None
         self.meta.move_to_end(key)
         self.stats.hits += 1
-        return Block(kv, header["position"], tuple(header["tokens"]), header["content"])
+        return Block(kv, header["position"], tuple(header["tokens"]), header["content"], header.get("parent"))
 
     def put(self, key: str, block: Block) -> None:
         if key in self.meta:
@@ -307,6 +311,7 @@ def _serialize(key: str, block: Block) -> bytes:
     array = raw.numpy()
     header = json.dumps({
         "key": key, "position": block.position, "tokens": list(block.tokens), "content": block.content,
+        "parent": block.parent,
         "dtype": str(kv.dtype).removeprefix("torch."), "numpy_dtype": array.dtype.str, "shape": list(array.shape),
     }).encode()
     body = _MAGIC + struct.pack("<I", len(header)) + header + array.tobytes()

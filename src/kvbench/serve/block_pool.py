@@ -9,7 +9,8 @@ tokens takes a reference to that block instead of computing it again. A hit is c
 token and against its parent key, so a key collision can never hand out the wrong KV.
 
 A block nobody references keeps its key and stays hittable ("cached"), in LRU order, until the pool
-needs it: allocation takes never-keyed free blocks first, then evicts the least recently released.
+needs it: allocation takes never-keyed free blocks first, then evicts the least recently released
+(passing it to `on_evict` first, where set: `kvbench.serve.spill` copies it into the reuse store).
 `reserve` admission promises blocks to a request up front; promised blocks are not available to others.
 Eviction and prefix caching exclude each other: an engine whose policy evicts keys nothing (`namespace`
 None), since a table whose entries are not its first positions is no prefix.
@@ -18,6 +19,7 @@ None), since a table whose entries are not its first positions is no prefix.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvbench.errors import KvbenchError
@@ -69,7 +71,11 @@ class BlockPool:
         self._cached: OrderedDict[int, None] = OrderedDict()  # ref 0, keyed; oldest first
         self._key_of: dict[int, tuple[str, str | None, tuple[int, ...]]] = {}  # block -> (key, parent, tokens)
         self._block_of: dict[str, int] = {}
+        self._position_of: dict[int, int] = {}  # keyed block -> its first token's position
         self._promised: dict[int, int] = {}
+        # called as (block, key, parent, tokens, position) when a cached block is evicted, before its slots
+        # are reused: the K/V are still in the store (kvbench.serve.spill copies them to the reuse store)
+        self.on_evict: Callable[[int, str, str | None, tuple[int, ...], int], None] | None = None
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -148,6 +154,7 @@ class BlockPool:
             if key not in self._block_of and block not in self._key_of:  # an equal block computed twice stays unkeyed
                 self._key_of[block] = (key, parent, block_tokens)
                 self._block_of[key] = block
+                self._position_of[block] = i * bs
 
     def release(self, request_id: int) -> None:
         """Drop the request's references, tail first, so its last blocks are evicted before its prefix."""
@@ -200,7 +207,7 @@ class BlockPool:
         for block, (key, parent, block_tokens) in self._key_of.items():
             assert self._block_of[key] == block
             assert chain.extend_chain(parent, block_tokens, self.namespace) == key, "a key does not re-derive"
-        assert len(self._block_of) == len(self._key_of)
+        assert len(self._block_of) == len(self._key_of) and self._position_of.keys() == self._key_of.keys()
 
     def _take(self, block: int) -> None:
         if self.refs[block] == 0:
@@ -212,8 +219,11 @@ class BlockPool:
             block, _ = self._free.popitem(last=False)
         else:
             block, _ = self._cached.popitem(last=False)  # evict the least recently released
-            key = self._key_of.pop(block)[0]
+            key, parent, block_tokens = self._key_of.pop(block)
             del self._block_of[key]
+            position = self._position_of.pop(block)
+            if self.on_evict is not None:
+                self.on_evict(block, key, parent, block_tokens, position)
             self.filled[block] = 0
         self.refs[block] = 1
         return block

@@ -11,7 +11,8 @@ ADMISSIONS = ("optimistic", "reserve")
 PREEMPTIONS = ("recompute", "swap")
 BATCHINGS = ("continuous", "static")
 DEFAULT_KV_CACHE_MEMORY = 256 * 2**20  # bytes; stands in for "GPU memory left for KV" on a CPU
-BYTE_FIELDS = ("kv_cache_memory", "swap_space")  # fields that hold bytes: specs and flags take sizes such as 256MiB
+# fields that hold bytes: specs and flags take sizes such as 256MiB
+BYTE_FIELDS = ("kv_cache_memory", "swap_space", "kv_spill_ram")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,9 @@ class EngineConfig:
     batching: `continuous` (requests join and leave the running batch at every step) or `static` (a
     new batch of up to `max_num_seqs` is admitted only when none is running, and runs until its
     longest request ends: static batching without the padding compute, so it flatters static slightly).
+    kv_spill_ram / kv_spill_dir: a second-level prefix cache (vLLM's KV offloading connector, LMCache): prefix
+    blocks the pool evicts are copied into the reuse store, a RAM tier of `kv_spill_ram` bytes and a disk
+    tier in `kv_spill_dir`, and later prompts load them back instead of computing them (`kvbench.serve.spill`).
     """
 
     kv_backend: str = "paged"
@@ -50,6 +54,8 @@ class EngineConfig:
     batching: str = "continuous"
     max_model_len: int | None = None  # default: the model's context window
     strategy: str | None = None  # per_seq: any strategy; paged: one with a native policy (kvbench.serve.policies)
+    kv_spill_ram: int | None = None  # bytes of the RAM tier evicted prefix blocks spill into; None: no spill
+    kv_spill_dir: str | None = None  # a disk tier under it (needs kv_spill_ram)
 
     def __post_init__(self):
         _one_of("kv_backend", self.kv_backend, KV_BACKENDS)
@@ -58,7 +64,7 @@ class EngineConfig:
         _one_of("batching", self.batching, BATCHINGS)
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             _positive(name, getattr(self, name))
-        for name in ("kv_cache_memory", "num_blocks", "max_model_len", "swap_space"):
+        for name in ("kv_cache_memory", "num_blocks", "max_model_len", "swap_space", "kv_spill_ram"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
         if self.kv_backend == "per_seq":
@@ -72,6 +78,10 @@ class EngineConfig:
         elif self.strategy is not None:
             raise KvbenchError(f"strategy {self.strategy!r} needs kv_backend per_seq (the {self.kv_backend} backend "
                                "holds full KV); set kv_backend: per_seq or drop strategy")
+        if self.kv_spill_ram is not None or self.kv_spill_dir is not None:
+            from kvbench.serve.spill import check_config
+
+            check_config(self)
         if not 0 <= self.watermark < 1:
             raise KvbenchError(f"watermark must be a fraction of the pool in [0, 1), got {self.watermark!r}")
 

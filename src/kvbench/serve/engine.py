@@ -26,6 +26,7 @@ from kvbench.serve.config import EngineConfig
 from kvbench.serve.kv import make_kv
 from kvbench.serve.request import FinishReason, Request, RequestOutput, SamplingParams, Status, Timeline
 from kvbench.serve.scheduler import Scheduler, StepPlan
+from kvbench.serve.spill import make_spill
 from kvbench.serve.swap import HostTier
 
 
@@ -70,9 +71,10 @@ class Engine:
         self.kv = make_kv(lm, config)
         self.runner = per_seq if config.kv_backend == "per_seq" else runner
         self.host = HostTier(self.kv.store, config.swap_space) if config.preemption == "swap" else None
+        self.spill = make_spill(config, self.kv)
         chunked = config.chunked_prefill and self.kv.chunked_prefill
         self.scheduler = Scheduler(dataclasses.replace(config, chunked_prefill=chunked), self.kv.pool,
-                                   self.kv.max_model_len, self.host)
+                                   self.kv.max_model_len, self.host, self.spill)
         self.requests: dict[int, Request] = {}
         self.step_log: list[StepStats] | collections.deque[StepStats] = (
             [] if step_log_limit is None else collections.deque(maxlen=step_log_limit))

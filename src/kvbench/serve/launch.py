@@ -18,10 +18,13 @@ from kvbench.serve.config import BYTE_FIELDS, EngineConfig
 
 PARSERS = dict.fromkeys(BYTE_FIELDS, parse_bytes)  # field -> how to read its flag's value (default: the field type)
 FLAG_NAMES = {"enable_prefix_caching": "prefix-caching"}  # field -> flag name, where vLLM's differs from the field
-HELP = {"kv_cache_memory": "the KV pool's size, e.g. 512MiB (default 256MiB)",
+HELP = {  # where "default <value>" does not say it
+        "kv_cache_memory": "the KV pool's size, e.g. 512MiB (default 256MiB)",
         "num_blocks": "the KV pool's size in blocks (wins over --kv-cache-memory)",
         "swap_space": "the host tier's size for --preemption swap, e.g. 4GiB (default: unlimited)",
-        "max_model_len": "default: the model's context window"}  # where "default <value>" does not say it
+        "max_model_len": "default: the model's context window",
+        "kv_spill_ram": "spill evicted prefix blocks into a RAM tier of this size, e.g. 1GiB (default: no spill)",
+        "kv_spill_dir": "a disk tier under the spill's RAM tier, in this directory (needs --kv-spill-ram)"}
 STEP_LOG_LIMIT = 1000  # the server's engine keeps its last steps' stats, not every step's
 TYPES = {"int": int, "float": float, "str": str}
 

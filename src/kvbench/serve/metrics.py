@@ -5,7 +5,8 @@ One `CollectorRegistry` per server (no global state). The engine thread updates 
 step and when a request finishes; `/metrics` renders them. Latency histograms use vLLM's buckets and the
 engine's clock: time to first token, inter-token latency and end to end from the request's arrival at
 the server, queue time from arrival to the first step that scheduled it. Prompt and prefix-cache
-token counters count a request when it finishes (the hits: its prefix-cache hit tokens at first admission).
+token counters count a request when it finishes (the hits: its prefix-cache hit tokens at first admission,
+in all and by tier: the pool, or a spill's ram / disk).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class ServerMetrics:
         self.kv_usage = make(Gauge, "vllm:kv_cache_usage_perc", "KV-cache usage: used blocks / all blocks (1 = 100%).")
         self.queries = make(Counter, "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
         self.hits = make(Counter, "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self.tier_hits = Counter("kvbench:prefix_cache_hits_by_tier", "Prompt tokens found in the prefix cache, by "
+                                 "tier: the pool, or the spill's ram / disk.", names + ["tier"], registry=self.registry)
         self.preemptions = make(Counter, "vllm:num_preemptions", "Preemptions (requests sent back to wait).")
         self.prompt_tokens = make(Counter, "vllm:prompt_tokens", "Prompt tokens of finished requests.")
         self.generation_tokens = make(Counter, "vllm:generation_tokens", "Generated tokens.")
@@ -81,6 +84,8 @@ class ServerMetrics:
         if request.num_cached is not None:  # it was admitted, so its prompt was looked up
             self.queries.inc(len(request.prompt_ids))
             self.hits.inc(request.num_cached)
+            for tier, tokens in (request.num_cached_by_tier or {}).items():
+                self.tier_hits.labels(**self.labels, tier=tier).inc(tokens)
             self.prompt_tokens.inc(len(request.prompt_ids))
         if t.first_scheduled_s is not None:
             self.queue.observe(t.first_scheduled_s - t.arrival_s)

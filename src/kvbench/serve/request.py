@@ -66,6 +66,7 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
     num_cached: int | None = None  # prefix-cache hit tokens at first admission
+    num_cached_by_tier: dict[str, int] | None = None  # num_cached by where they were: pool, ram, disk (spill)
     status: Status = Status.WAITING
     finish_reason: FinishReason | None = None
     preemptions: int = 0  # by recompute or swap

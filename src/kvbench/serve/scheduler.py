@@ -17,6 +17,10 @@ when the tier is full) and releases them. Swapped requests resume first, before 
 admitted, when the pool holds their KV again (plus the watermark beside running requests); nothing is
 recomputed. As with recompute, nothing resumes or is admitted in a step that preempted.
 
+With a spill (`kvbench.serve.spill`), admission continues a prompt's prefix hits in the reuse store: the
+blocks found there count as computed, are read once the request is admitted, and are copied into the
+blocks allocated for them (a block that fails its check then is computed instead).
+
 Batching `static` admits a new batch only when no request runs; a batch whose prompts overran one
 step's token budget keeps filling in the next steps, up to `max_num_seqs`.
 """
@@ -25,12 +29,16 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kvbench.errors import KvbenchError
 from kvbench.serve.block_pool import BlockPool
 from kvbench.serve.config import EngineConfig
 from kvbench.serve.request import Request, Status
 from kvbench.serve.swap import HostTier
+
+if TYPE_CHECKING:
+    from kvbench.serve.spill import PoolSpill
 
 
 @dataclass(frozen=True)
@@ -66,9 +74,12 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, pool: BlockPool, max_model_len: int, host: HostTier | None = None):
-        """host: the tier swap preemption copies into; None preempts by recompute."""
+    def __init__(self, config: EngineConfig, pool: BlockPool, max_model_len: int, host: HostTier | None = None,
+                 spill: PoolSpill | None = None):
+        """host: the tier swap preemption copies into; None preempts by recompute. spill: the reuse store
+        that prefix hits continue in; None: the pool's only."""
         self.config, self.pool, self.max_model_len, self.host = config, pool, max_model_len, host
+        self.spill = spill
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.swapped: deque[Request] = deque()
@@ -163,12 +174,12 @@ class Scheduler:
                 break
             request = self.waiting[0]
             matched = self.pool.match_prefix(request.tokens)
-            computed = len(matched) * self.pool.block_size
-            n = request.num_tokens - computed
+            spilled = self.spill.find(request.tokens, len(matched)) if self.spill else []
+            computed = (len(matched) + len(spilled)) * self.pool.block_size
+            n = self._chunk(request.num_tokens - computed, budget)
             if not self.config.chunked_prefill and n > budget and plan.rows:
                 over_budget = True  # a whole prompt over the budget waits to run alone
                 break
-            n = n if not self.config.chunked_prefill else min(n, budget)
             if self.config.admission == "reserve":
                 promise = request.max_total_tokens
                 ok = self.pool.admission_cost(matched, promise) <= self.pool.available
@@ -180,18 +191,32 @@ class Scheduler:
             if not ok:
                 break
             self.waiting.popleft()
+            loaded = self.spill.fetch(request.tokens, len(matched), spilled) if spilled else []
+            if len(loaded) < len(spilled):  # one gone or failing its check since found: computed (no more blocks)
+                computed = (len(matched) + len(loaded)) * self.pool.block_size
+                n = self._chunk(request.num_tokens - computed, budget)
             self.pool.admit(request.request_id, matched, promise)
             request.block_keys = []
             request.num_computed = computed
-            if request.num_cached is None:
-                request.num_cached = computed
             ensured = self.pool.ensure(request.request_id, computed + n)
             assert ensured, "admission checked the blocks"
+            tiers = {"pool": len(matched) * self.pool.block_size}
+            if loaded:
+                table = self.pool.tables[request.request_id]
+                tiers |= self.spill.load(table[len(matched):len(matched) + len(loaded)], loaded)
+                self.pool.commit(request.request_id, request.tokens, tiers["pool"], computed, request.block_keys)
+            if request.num_cached is None:
+                request.num_cached = computed
+                request.num_cached_by_tier = {tier: tokens for tier, tokens in tiers.items() if tokens}
             request.status = Status.RUNNING
             self.running.append(request)
             plan.rows.append(Row(request, computed, n))
             budget -= n
         self._filling = static and over_budget
+
+    def _chunk(self, remaining: int, budget: int) -> int:
+        """Tokens of a newly admitted request's first row: all `remaining` unless prefill is chunked."""
+        return min(remaining, budget) if self.config.chunked_prefill else remaining
 
     def _preempt(self, request: Request, plan: StepPlan) -> None:
         """Swap the request's computed blocks out to the host tier, or (recompute, or the tier full)
