@@ -1,0 +1,270 @@
+"""Offload and speculative fetch native to the paged pool: `strategy="offloaded"` and
+`strategy="speculative_fetch:budget=..."` on `kv_backend: paged`.
+
+Both keep the pool's K/V in a host tier (`HostTierStore`: host memory, pinned on CUDA) and bring to the
+compute device, layer by layer, only what the attention reads, counting exactly the bytes brought in:
+- `offloaded`: every row's whole context (no padding: the decode rows of a group are gathered row by row
+  and padded on the device);
+- `speculative_fetch` (InfiniGen; the per_seq reference is `kvbench.strategies.speculative`): once a
+  request's prefill is complete, its scoring channels are picked per layer and KV head (the
+  `partial_channels` largest mean |k| over its prompt keys) and those channels of its keys go to a side
+  pool of partial keys `[slots, kvh, r]` on the compute device (counted as moved); each later token's
+  partial key is written there by the attention. A decode row then scores its context with the query
+  (averaged over the query heads of each KV head) against the partial keys, and gathers from the host
+  only the `fetch_count` best tokens per KV head (the recent `window` always among them, `keep_top`),
+  attending over those. Prefill chunks attend in full, as per_seq does.
+Bytes moved: host to device only (the per_seq strategies count the same direction); new tokens' K/V
+written back to the host are not counted. On CPU the host tier and the compute device are the same
+memory: the bytes are exact, the time is not a transfer's (the strategies' `notes` say so in every run).
+No prefetch of the next layer on a side stream on CUDA: each layer's gathers are synchronous copies.
+
+Neither evicts. Prefix caching stays on for `offloaded`; speculative_fetch turns it off, since a slot's
+partial key holds the channels of the request that wrote it, which a request sharing the block would not
+score with. Swap preemption is refused for speculative_fetch (the swapped blocks would resume into slots
+whose partial keys are another request's); recompute preemption picks the channels again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from kvbench.errors import KvbenchError, NotEngaged
+from kvbench.serve.attention import SingleGroup
+from kvbench.serve.kv import KV, KVStore
+from kvbench.serve.policies import POLICIES, PagedPolicy, PolicyState
+from kvbench.serve.runner import StepInputs
+from kvbench.serve.scheduler import Row
+from kvbench.strategies.eviction import keep_top
+from kvbench.strategies.speculative import fetch_count
+
+
+class HostTierStore(KVStore):
+    """The pool's K/V in host memory; `gather` / `gather_heads` bring what they read to `device`, and
+    `bytes_moved` counts every byte brought (K and V of each slot read, per layer)."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        super().__init__(num_layers, num_blocks, block_size, kv_heads, head_dim, dtype, torch.device("cpu"))
+        if device.type == "cuda":
+            self.k, self.v = [t.pin_memory() for t in self.k], [t.pin_memory() for t in self.v]
+        self.device = device
+        self.head_bytes = head_dim * 2 * self.k[0].element_size()  # K and V of one token of one KV head
+        self.bytes_moved = 0
+
+    def write(self, layer, slots, keys, values):
+        super().write(layer, slots.cpu(), keys.cpu(), values.cpu())
+
+    def gather(self, layer, index):
+        keys, values = super().gather(layer, index.cpu())
+        self.bytes_moved += index.numel() * self.k[0].shape[2] * self.head_bytes
+        return keys.to(self.device), values.to(self.device)
+
+    def gather_heads(self, layer: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V `[kvh, k, d]` of slots `index` `[kvh, k]`, each KV head its own slots."""
+        k_pool, v_pool = self.flat(layer)
+        index = index.cpu()
+        heads = torch.arange(index.shape[0])[:, None]
+        self.bytes_moved += index.numel() * self.head_bytes
+        return k_pool[index, heads].to(self.device), v_pool[index, heads].to(self.device)
+
+
+class PartialKeyStore(HostTierStore):
+    """A host tier plus, on the compute device, `r` key channels of every slot: `partial[layer]` `[slots, kvh, r]`."""
+
+    def __init__(self, r: int, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        super().__init__(num_layers, num_blocks, block_size, kv_heads, head_dim, dtype, device)
+        self.r = r
+        self.partial = [torch.zeros((self.num_slots, kv_heads, r), dtype=dtype, device=device)
+                        for _ in range(num_layers)]
+
+    def upload_partial(self, slots: torch.Tensor) -> torch.Tensor:
+        """Pick each layer's channels `[kvh, r]` from the host keys of `slots` (a request's whole prompt: the
+        largest mean |k|) and put those channels of their keys in the partial pool (counted as moved).
+        Returns the channels `[layers, kvh, r]` on the device."""
+        picked = []
+        for layer in range(len(self.k)):
+            keys = self.flat(layer)[0].index_select(0, slots.cpu()).transpose(0, 1)  # [kvh, P, d]
+            chosen = keys.abs().mean(dim=1).topk(self.r, dim=-1).indices  # [kvh, r]
+            partial = keys.gather(-1, chosen[:, None].expand(-1, keys.shape[1], -1)).transpose(0, 1)
+            self.partial[layer].index_copy_(0, slots.to(self.device), partial.to(self.device))
+            self.bytes_moved += partial.numel() * partial.element_size()
+            picked.append(chosen)
+        return torch.stack(picked).to(self.device)
+
+
+@dataclass
+class FetchStep:
+    """One step's picks for the single-token rows (`StepContext.fetch`), row i of the packed order:
+    `lengths[i]` context entries, `counts[i]` fetched per KV head (== length: the whole context), and the
+    request's `channels` `[layers, kvh, r]` (None before its prefill is complete: no partial key written).
+    `fetched[i]` counts the (token, KV head) pairs gathered for row i over the layers."""
+
+    store: HostTierStore
+    slots: torch.Tensor  # [num_single]: where each single row's new token is written
+    lengths: list[int]
+    counts: list[int]
+    channels: list[torch.Tensor | None]
+    window: int = 0
+    fetched: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.fetched = [0] * len(self.lengths)
+
+    def __call__(self, layer: int, g: SingleGroup, q: torch.Tensor, new_keys: torch.Tensor):
+        """K/V `[Bg, kvh, K, d]` of each row's picked tokens (padded to the group's most) and the mask."""
+        self._write_partial(layer, g, new_keys)
+        keys, values = [], []
+        for b, i in enumerate(range(g.r0, g.r1)):
+            slots = g.index[b, :self.lengths[i]]
+            if self.counts[i] < self.lengths[i]:
+                pick = slots[self.pick(layer, slots, q[b], self.channels[i][layer], self.counts[i])]  # [kvh, k]
+                k, v = self.store.gather_heads(layer, pick)
+                self.fetched[i] += pick.numel()
+            else:
+                k, v = (t.transpose(0, 1) for t in self.store.gather(layer, slots))  # [kvh, L, d]
+                self.fetched[i] += k.shape[0] * k.shape[1]
+            keys.append(k)
+            values.append(v)
+        counts = self.counts[g.r0:g.r1]
+        width = max(counts)
+        pad = [(0, 0, 0, width - c) for c in counts]
+        keys = torch.stack([F.pad(k, p) for k, p in zip(keys, pad)])
+        values = torch.stack([F.pad(v, p) for v, p in zip(values, pad)])
+        mask = None
+        if min(counts) < width:
+            span = torch.arange(width, device=keys.device)
+            mask = (span[None] < torch.tensor(counts, device=keys.device)[:, None])[:, None, None]
+        return keys, values, mask
+
+    def pick(self, layer: int, slots: torch.Tensor, q: torch.Tensor, channels: torch.Tensor, count: int):
+        """Entries `[kvh, count]` (ascending) of the best approximate scores: q `[kvh, group, d]` averaged
+        over its group, on `channels` `[kvh, r]`, against the partial keys of `slots`, as per_seq scores."""
+        approx = approximate_scores(self.store.partial[layer].index_select(0, slots), q, channels)
+        return keep_top(approx[None], min(self.window, count), count)[0]
+
+    def _write_partial(self, layer: int, g: SingleGroup, new_keys: torch.Tensor) -> None:
+        rows = [b for b, i in enumerate(range(g.r0, g.r1)) if self.channels[i] is not None]
+        if not rows:
+            return
+        chosen = torch.stack([self.channels[g.r0 + b][layer] for b in rows])  # [m, kvh, r]
+        index = torch.tensor(rows, device=new_keys.device)
+        partial = new_keys.index_select(0, index).gather(-1, chosen)
+        self.store.partial[layer].index_copy_(0, self.slots[g.r0 + index], partial)
+
+
+def approximate_scores(partial: torch.Tensor, q: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+    """`[kvh, L]`: partial keys `[L, kvh, r]` dotted with q `[kvh, group, d]` averaged over the group, on
+    `channels` `[kvh, r]` (the per_seq layer's computation, in the same order)."""
+    q_partial = q.mean(dim=1).gather(-1, channels)  # [kvh, r]
+    return (partial.transpose(0, 1) * q_partial[:, None]).sum(-1)
+
+
+class OffloadPolicy(PagedPolicy):
+    """`offloaded`: the host tier, every context fetched whole. Subclasses pick less per decode row."""
+
+    evicts = False
+    caches_prefixes = True
+
+    def __init__(self, strategy, block_size):
+        self.strategy, self.block_size, self.budget, self.window = strategy, block_size, None, 0
+        self._moved_before = 0  # the store's count when the step began
+        self._uploaded: dict[int, int] = {}  # request id -> partial-key bytes uploaded this step
+
+    def check(self, prompt_len, max_tokens):
+        return None
+
+    def make_store(self, config, *shape):
+        return HostTierStore(*shape)
+
+    def count(self, row: Row, length: int) -> int:
+        """Tokens fetched per KV head for a single row over `length` entries."""
+        return length
+
+    def instrument(self, inputs: StepInputs) -> StepInputs:
+        ctx = inputs.ctx
+        lengths = [row.entry + 1 for row in inputs.singles]
+        fetch = FetchStep(ctx.store, ctx.slot_mapping[:ctx.num_single], lengths,
+                          [self.count(row, n) for row, n in zip(inputs.singles, lengths)],
+                          [self.channels(row) for row in inputs.singles], self.window)
+        self._moved_before = ctx.store.bytes_moved
+        return dataclasses.replace(inputs, ctx=dataclasses.replace(ctx, fetch=fetch))
+
+    def channels(self, row: Row) -> torch.Tensor | None:
+        return None
+
+    def evict(self, request, state, kv, boundary):
+        return None  # nothing is dropped
+
+    def after_step(self, rows: list[Row], inputs: StepInputs, kv: KV) -> None:
+        """Check the step fetched what it had to, through the store; add each request's bytes to its count."""
+        store, ctx = kv.store, inputs.ctx
+        fetch, layers = ctx.fetch, len(store.k)
+        kvh = store.k[0].shape[2]
+        moved = {}
+        for i, row in enumerate(inputs.singles):
+            expected = layers * kvh * fetch.counts[i]
+            if fetch.fetched[i] != expected:
+                raise NotEngaged(f"{self.strategy.name}: a decode row fetched {fetch.fetched[i]} (token, KV head) pairs "
+                                 f"through its host tier where it should have {expected} ({fetch.counts[i]} of "
+                                 f"{fetch.lengths[i]} entries per KV head and layer); the attention read around it. "
+                                 "If transformers changed how attention is called, use a tested version (kvbench env)")
+            moved[row.request.request_id] = fetch.fetched[i] * store.head_bytes
+        for chunk, row in zip(ctx.chunks, inputs.chunks):
+            gathered = chunk.slots.numel() if chunk.mask is not None else 0  # no past: attends its own new K/V
+            moved[row.request.request_id] = layers * kvh * gathered * store.head_bytes
+        super().after_step(rows, inputs, kv)  # the step that completes a prefill uploads partial keys (subclass)
+        moved.update({rid: moved.get(rid, 0) + b for rid, b in self._uploaded.items()})
+        self._uploaded = {}
+        counted = store.bytes_moved - self._moved_before
+        if counted != sum(moved.values()):
+            raise NotEngaged(f"{self.strategy.name}: the host tier counted {counted} bytes moved this step where "
+                             f"the step's reads add up to {sum(moved.values())}; the attention read around it")
+        for row in rows:
+            request = row.request
+            request.bytes_moved = (request.bytes_moved or 0) + moved.get(request.request_id, 0)
+
+
+class SpeculativeFetchPolicy(OffloadPolicy):
+    """`speculative_fetch`: decode rows of requests past their prefill fetch `fetch_count` tokens per KV head."""
+
+    caches_prefixes = False
+
+    def __init__(self, strategy, block_size):
+        super().__init__(strategy, block_size)
+        self.budget, self.window = strategy.budget, strategy.window
+
+    def check(self, prompt_len, max_tokens):
+        PagedPolicy.check(self, prompt_len, max_tokens)
+
+    def make_store(self, config, *shape):
+        if config.preemption == "swap":
+            raise KvbenchError("speculative_fetch keeps partial keys per slot, which a swapped request would not find "
+                               "in the blocks it resumes into; use preemption recompute")
+        head_dim = shape[4]
+        return PartialKeyStore(min(self.strategy.partial_channels, head_dim), *shape)
+
+    def channels(self, row):
+        state = row.request.policy_state
+        return state.channels if state is not None and state.decoding else None
+
+    def count(self, row, length):
+        if self.channels(row) is None:  # a prefill row: the whole context
+            return length
+        return fetch_count(self.budget, self.strategy.window, length)
+
+    def evict(self, request, state: PolicyState, kv, boundary):
+        """Nothing is dropped; the step that completes the prefill picks the request's channels."""
+        if not boundary:
+            return
+        before = kv.store.bytes_moved
+        slots = torch.tensor(kv.pool.slots(request.request_id, 0, request.num_entries))
+        state.channels = kv.store.upload_partial(slots)
+        self._uploaded[request.request_id] = kv.store.bytes_moved - before
+
+
+POLICIES.update({"offloaded": OffloadPolicy, "speculative_fetch": SpeculativeFetchPolicy})
