@@ -3,12 +3,18 @@ changes no token and moves exactly the context each step reads; speculative fetc
 exactly the best tokens of its partial-key scores (never padding), counts its bytes exactly, matches the
 per_seq strategy on the same requests, and fails a step whose fetch was bypassed."""
 
+import json
 import random
 
 import pytest
 import torch
 
+from kvbench.bench.records import read_records
+from kvbench.bench.runner import RunOptions, run
+from kvbench.bench.serve_session import ServeSession
+from kvbench.bench.serve_spec import ServeSpec
 from kvbench.errors import KvbenchError, NotEngaged
+from kvbench.report import write_report
 from kvbench.serve import Engine, EngineConfig, SamplingParams, runner
 from kvbench.serve.fetch import FetchStep, HostTierStore
 from kvbench.serve.kv import model_shape
@@ -206,3 +212,31 @@ def test_fetch_policies_survive_preemption(tiny, preemption):
         assert sum(r.bytes_moved for r in requests) == engine.kv.store.bytes_moved
         if strategy == "offloaded":
             assert [r.output_ids for r in requests] == [r.output_ids for r in full]
+
+
+def test_the_serve_kind_records_paged_bytes_moved_and_says_they_are_host_to_host(tmp_path, tiny):
+    spec = ServeSpec.from_dict({
+        "kind": "serve", "name": "tiny-fetch", "model": "synthetic:tiny", "device": "cpu", "seed": 3,
+        "workload": {"kind": "synthetic", "prompt_tokens": 40, "output_tokens": 6}, "num_requests": 4,
+        "request_rates": ["inf"], "engines": [
+            {"label": "full", "num_blocks": 64}, {"label": "off", "strategy": "offloaded", "num_blocks": 64},
+            {"label": "fetch", "strategy": "speculative_fetch:budget=0.5:window=4:partial_channels=4",
+             "num_blocks": 64}]})
+    out = tmp_path / "out"
+    options = RunOptions(out=out, progress=False)
+    assert run(spec, options, ServeSession(spec, options, tiny)).measured == 3
+    records = read_records(out / "results.jsonl")
+    by_engine = {}
+    for r in records:
+        by_engine.setdefault(r["method"], []).append(r)
+    assert all(r["bytes_moved"] > 0 for r in by_engine["off"] + by_engine["fetch"])
+    assert by_engine["full"][0]["bytes_moved"] is None
+    write_report(out)
+    summary = json.loads((out / "summary.json").read_text())["points"]
+    for label in ("off", "fetch"):
+        moved = sum(r["bytes_moved"] for r in by_engine[label])
+        assert summary[f"{label}@inf"]["bytes_moved_per_token"] == moved / sum(
+            r["output_tokens"] for r in by_engine[label])
+    notes = json.loads((out / "run.json").read_text())["notes"]
+    assert any(n.startswith("offloaded on cpu") for n in notes)
+    assert any(n.startswith("speculative_fetch on cpu") for n in notes)
