@@ -87,7 +87,7 @@ def _check_picks(fetch, layer, g, q, picks, counts):
     (`picks`, in row order) is the recent window plus the best approximate scores recomputed here (float64)
     from the partial pool, all slots of the row's own context (never padding)."""
     store = fetch.store
-    picks = iter(picks)
+    by_slot = {int(p[0, 0]): p for batch in picks for p in batch}  # each row's [kvh, count] slots, by its first
     for b, i in enumerate(range(g.r0, g.r1)):
         length, count = fetch.lengths[i], fetch.counts[i]
         if count == length:
@@ -98,7 +98,7 @@ def _check_picks(fetch, layer, g, q, picks, counts):
         partial = store.partial[layer][context]
         assert torch.equal(partial, store.flat(layer)[0][context].gather(-1, channels[None].expand(length, -1, -1)))
         scores = torch.einsum("lhr,hr->hl", partial.double(), q[b].double().mean(dim=1).gather(-1, channels))
-        picked = next(picks)  # [kvh, count] slots
+        picked = next(p for first, p in by_slot.items() if first in context.tolist())  # [kvh, count] slots
         assert picked.shape == (store.k[0].shape[2], count)
         for h in range(picked.shape[0]):
             entries = {int((context == s).nonzero()) for s in picked[h]}  # raises if a slot is not the row's
@@ -108,6 +108,7 @@ def _check_picks(fetch, layer, g, q, picks, counts):
             assert min(scores[h, chosen]) >= max(scores[h, rest]) - 1e-5
         counts["checked"] += 1
         counts["mixed"] += len(set(fetch.lengths[g.r0:g.r1])) > 1
+    assert len(by_slot) == sum(fetch.counts[i] < fetch.lengths[i] for i in range(g.r0, g.r1))
 
 
 def test_speculative_fetch_gathers_exactly_the_top_partial_scores_and_counts_bytes_exactly(tiny, monkeypatch):

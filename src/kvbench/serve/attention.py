@@ -13,7 +13,8 @@ Positions here are a request's table entries (its kept tokens, in order, after a
 `kvbench.serve.request.Request`). A policy that scores tokens (h2o, snapkv) asks for the attention mass
 each entry receives by giving the context buffers to add it to: the single-token rows then compute their
 scores explicitly (one matmul, softmax, one matmul) instead of SDPA, and a chunk scores its last
-`mass_queries` queries over its context.
+`mass_queries` queries over its context. A policy that chooses what each single row reads (offload, speculative
+fetch: `kvbench.serve.fetch`) sets `StepContext.fetch`, which returns a group's K/V in place of the gather.
 transformers builds no mask for an attention name it does not know (`create_causal_mask` returns
 None), so nothing is computed twice. The name is set on the model's config only inside
 `paged_attention(model)`, so every other forward in kvbench keeps the model's own attention.

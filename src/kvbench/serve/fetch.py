@@ -30,7 +30,6 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from kvbench.errors import KvbenchError, NotEngaged
 from kvbench.serve.attention import SingleGroup
@@ -64,10 +63,10 @@ class HostTierStore(KVStore):
         return keys.to(self.device), values.to(self.device)
 
     def gather_heads(self, layer: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V `[kvh, k, d]` of slots `index` `[kvh, k]`, each KV head its own slots."""
+        """K/V `[..., kvh, k, d]` of slots `index` `[..., kvh, k]`, each KV head its own slots."""
         k_pool, v_pool = self.flat(layer)
         index = index.cpu()
-        heads = torch.arange(index.shape[0])[:, None]
+        heads = torch.arange(index.shape[-2])[:, None]
         self.bytes_moved += index.numel() * self.head_bytes
         return k_pool[index, heads].to(self.device), v_pool[index, heads].to(self.device)
 
@@ -116,36 +115,41 @@ class FetchStep:
         self.fetched = [0] * len(self.lengths)
 
     def __call__(self, layer: int, g: SingleGroup, q: torch.Tensor, new_keys: torch.Tensor):
-        """K/V `[Bg, kvh, K, d]` of each row's picked tokens (padded to the group's most) and the mask."""
+        """K/V `[Bg, kvh, K, d]` of each row's picked tokens (padded on the device to the group's most) and
+        the mask. Rows read whole in one gather; rows fetching a subset are scored in batches of one length."""
         self._write_partial(layer, g, new_keys)
-        keys, values = [], []
-        for b, i in enumerate(range(g.r0, g.r1)):
-            slots = g.index[b, :self.lengths[i]]
-            if self.counts[i] < self.lengths[i]:
-                pick = slots[self.pick(layer, slots, q[b], self.channels[i][layer], self.counts[i])]  # [kvh, k]
-                k, v = self.store.gather_heads(layer, pick)
-                self.fetched[i] += pick.numel()
-            else:
-                k, v = (t.transpose(0, 1) for t in self.store.gather(layer, slots))  # [kvh, L, d]
-                self.fetched[i] += k.shape[0] * k.shape[1]
-            keys.append(k)
-            values.append(v)
-        counts = self.counts[g.r0:g.r1]
-        width = max(counts)
-        pad = [(0, 0, 0, width - c) for c in counts]
-        keys = torch.stack([F.pad(k, p) for k, p in zip(keys, pad)])
-        values = torch.stack([F.pad(v, p) for v, p in zip(values, pad)])
+        lengths, counts = self.lengths[g.r0:g.r1], self.counts[g.r0:g.r1]
+        kvh, width, device = q.shape[1], max(counts), q.device
+        k_pool = self.store.k[layer]
+        keys = torch.zeros((len(counts), kvh, width, k_pool.shape[-1]), dtype=k_pool.dtype, device=device)
+        values = torch.zeros_like(keys)
+        whole = [b for b in range(len(counts)) if counts[b] == lengths[b]]
+        if whole:
+            k, v = self.store.gather(layer, torch.cat([g.index[b, :lengths[b]] for b in whole]))  # [sum L, kvh, d]
+            rows = torch.cat([torch.full((lengths[b],), b, device=device) for b in whole])
+            cols = torch.cat([torch.arange(lengths[b], device=device) for b in whole])
+            keys[rows, :, cols], values[rows, :, cols] = k, v
+            for b in whole:
+                self.fetched[g.r0 + b] += kvh * lengths[b]
+        batches: dict[int, list[int]] = {}
+        for b in range(len(counts)):
+            if counts[b] < lengths[b]:
+                batches.setdefault(lengths[b], []).append(b)
+        for length, batch in batches.items():
+            rows, count = torch.tensor(batch, device=device), counts[batch[0]]
+            context = g.index[rows, :length]  # [m, L]
+            channels = torch.stack([self.channels[g.r0 + b][layer] for b in batch])  # [m, kvh, r]
+            approx = approximate_scores(self.store.partial[layer][context], q[rows], channels)  # [m, kvh, L]
+            pick = keep_top(approx, min(self.window, count), count)  # [m, kvh, count] entries, ascending
+            k, v = self.store.gather_heads(layer, context.gather(1, pick.flatten(1)).view(pick.shape))
+            keys[rows, :, :count], values[rows, :, :count] = k, v
+            for b in batch:
+                self.fetched[g.r0 + b] += pick[0].numel()
         mask = None
         if min(counts) < width:
-            span = torch.arange(width, device=keys.device)
-            mask = (span[None] < torch.tensor(counts, device=keys.device)[:, None])[:, None, None]
+            span = torch.arange(width, device=device)
+            mask = (span[None] < torch.tensor(counts, device=device)[:, None])[:, None, None]
         return keys, values, mask
-
-    def pick(self, layer: int, slots: torch.Tensor, q: torch.Tensor, channels: torch.Tensor, count: int):
-        """Entries `[kvh, count]` (ascending) of the best approximate scores: q `[kvh, group, d]` averaged
-        over its group, on `channels` `[kvh, r]`, against the partial keys of `slots`, as per_seq scores."""
-        approx = approximate_scores(self.store.partial[layer].index_select(0, slots), q, channels)
-        return keep_top(approx[None], min(self.window, count), count)[0]
 
     def _write_partial(self, layer: int, g: SingleGroup, new_keys: torch.Tensor) -> None:
         rows = [b for b, i in enumerate(range(g.r0, g.r1)) if self.channels[i] is not None]
@@ -158,10 +162,10 @@ class FetchStep:
 
 
 def approximate_scores(partial: torch.Tensor, q: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
-    """`[kvh, L]`: partial keys `[L, kvh, r]` dotted with q `[kvh, group, d]` averaged over the group, on
-    `channels` `[kvh, r]` (the per_seq layer's computation, in the same order)."""
-    q_partial = q.mean(dim=1).gather(-1, channels)  # [kvh, r]
-    return (partial.transpose(0, 1) * q_partial[:, None]).sum(-1)
+    """`[..., kvh, L]`: partial keys `[..., L, kvh, r]` dotted with q `[..., kvh, group, d]` averaged over the
+    group, on `channels` `[..., kvh, r]` (the per_seq layer's computation, in the same order)."""
+    q_partial = q.mean(dim=-2).gather(-1, channels)  # [..., kvh, r]
+    return (partial.transpose(-3, -2) * q_partial.unsqueeze(-2)).sum(-1)
 
 
 class OffloadPolicy(PagedPolicy):

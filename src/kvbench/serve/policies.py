@@ -16,7 +16,8 @@ attention function, never by recomputing queries.
 - `snapkv`: the mass of the prompt's last `window` queries, max-pooled over `kernel` neighbours, picks
   the prompt entries kept at the prefill/decode boundary; decoded tokens are all kept.
 h2o and snapkv compact the kept entries to the front of the request's own blocks (one gather and
-scatter per layer, in batches) and release the blocks past them.
+scatter per layer, in batches) and release the blocks past them. `offloaded` and `speculative_fetch`,
+which evict nothing and hold the pool in a host tier, are in `kvbench.serve.fetch`.
 
 A policy acts once a request's prefill is complete (the per_seq strategies see a prompt whole), so its
 whole prompt is held while it prefills. Evicting policies turn prefix caching off: a table whose entries
