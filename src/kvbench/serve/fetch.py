@@ -64,11 +64,12 @@ class HostTierStore(KVStore):
 
     def gather_heads(self, layer: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V `[..., kvh, k, d]` of slots `index` `[..., kvh, k]`, each KV head its own slots."""
-        k_pool, v_pool = self.flat(layer)
-        index = index.cpu()
-        heads = torch.arange(index.shape[-2])[:, None]
+        k_pool, v_pool = self.flat(layer)  # [slots, kvh, d]
+        kvh, d = k_pool.shape[1:]
+        flat = (index.cpu() * kvh + torch.arange(kvh)[:, None]).flatten()  # rows of the [slots * kvh, d] view
         self.bytes_moved += index.numel() * self.head_bytes
-        return k_pool[index, heads].to(self.device), v_pool[index, heads].to(self.device)
+        return tuple(pool.view(-1, d).index_select(0, flat).view(*index.shape, d).to(self.device)
+                     for pool in (k_pool, v_pool))
 
 
 class PartialKeyStore(HostTierStore):
@@ -119,18 +120,11 @@ class FetchStep:
         the mask. Rows read whole in one gather; rows fetching a subset are scored in batches of one length."""
         self._write_partial(layer, g, new_keys)
         lengths, counts = self.lengths[g.r0:g.r1], self.counts[g.r0:g.r1]
-        kvh, width, device = q.shape[1], max(counts), q.device
-        k_pool = self.store.k[layer]
-        keys = torch.zeros((len(counts), kvh, width, k_pool.shape[-1]), dtype=k_pool.dtype, device=device)
-        values = torch.zeros_like(keys)
+        width, device = max(counts), q.device
+        parts = []  # (rows of the group, their K, their V: [m, kvh, k, d])
         whole = [b for b in range(len(counts)) if counts[b] == lengths[b]]
         if whole:
-            k, v = self.store.gather(layer, torch.cat([g.index[b, :lengths[b]] for b in whole]))  # [sum L, kvh, d]
-            rows = torch.cat([torch.full((lengths[b],), b, device=device) for b in whole])
-            cols = torch.cat([torch.arange(lengths[b], device=device) for b in whole])
-            keys[rows, :, cols], values[rows, :, cols] = k, v
-            for b in whole:
-                self.fetched[g.r0 + b] += kvh * lengths[b]
+            parts.append((whole, *self._whole(layer, g, whole, lengths, width)))
         batches: dict[int, list[int]] = {}
         for b in range(len(counts)):
             if counts[b] < lengths[b]:
@@ -141,15 +135,36 @@ class FetchStep:
             channels = torch.stack([self.channels[g.r0 + b][layer] for b in batch])  # [m, kvh, r]
             approx = approximate_scores(self.store.partial[layer][context], q[rows], channels)  # [m, kvh, L]
             pick = keep_top(approx, min(self.window, count), count)  # [m, kvh, count] entries, ascending
-            k, v = self.store.gather_heads(layer, context.gather(1, pick.flatten(1)).view(pick.shape))
-            keys[rows, :, :count], values[rows, :, :count] = k, v
+            parts.append((batch, *self.store.gather_heads(layer, context.gather(1, pick.flatten(1)).view(pick.shape))))
             for b in batch:
                 self.fetched[g.r0 + b] += pick[0].numel()
+        if len(parts) == 1 and parts[0][1].shape[2] == width:  # one kind of row: already padded to the width
+            keys, values = parts[0][1:]
+        else:
+            _, k, _ = parts[0]
+            keys = k.new_zeros((len(counts), k.shape[1], width, k.shape[3]))
+            values = torch.zeros_like(keys)
+            for rows, k, v in parts:
+                for j, b in enumerate(rows):
+                    keys[b, :, :k.shape[2]], values[b, :, :k.shape[2]] = k[j], v[j]
         mask = None
         if min(counts) < width:
             span = torch.arange(width, device=device)
             mask = (span[None] < torch.tensor(counts, device=device)[:, None])[:, None, None]
         return keys, values, mask
+
+    def _whole(self, layer: int, g: SingleGroup, rows: list[int], lengths: list[int], width: int):
+        """K/V `[m, kvh, width, d]` of `rows`' whole contexts: their slots moved once, without padding, then
+        laid out `width` wide on the device (past a row's length: repeats of its last entry, masked)."""
+        k, v = self.store.gather(layer, torch.cat([g.index[b, :lengths[b]] for b in rows]))  # [sum L, kvh, d]
+        for b in rows:
+            self.fetched[g.r0 + b] += k.shape[1] * lengths[b]
+        device = k.device
+        sizes = torch.tensor([lengths[b] for b in rows], device=device)
+        starts = sizes.cumsum(0) - sizes
+        span = torch.arange(width, device=device)
+        position = (starts[:, None] + torch.minimum(span[None], sizes[:, None] - 1)).flatten()
+        return tuple(t.index_select(0, position).view(len(rows), width, *t.shape[1:]).transpose(1, 2) for t in (k, v))
 
     def _write_partial(self, layer: int, g: SingleGroup, new_keys: torch.Tensor) -> None:
         rows = [b for b, i in enumerate(range(g.r0, g.r1)) if self.channels[i] is not None]
