@@ -3,8 +3,8 @@
 
 Both keep the pool's K/V in a host tier (`HostTierStore`: host memory, pinned on CUDA) and bring to the
 compute device, layer by layer, only what the attention reads, counting exactly the bytes brought in:
-- `offloaded`: every row's whole context (no padding: the decode rows of a group are gathered row by row
-  and padded on the device);
+- `offloaded`: every row's whole context (no padding: a group's rows have their real slots moved once,
+  then laid out padded on the device);
 - `speculative_fetch` (InfiniGen; the per_seq reference is `kvbench.strategies.speculative`): once a
   request's prefill is complete, its scoring channels are picked per layer and KV head (the
   `partial_channels` largest mean |k| over its prompt keys) and those channels of its keys go to a side
@@ -17,6 +17,8 @@ Bytes moved: host to device only (the per_seq strategies count the same directio
 written back to the host are not counted. On CPU the host tier and the compute device are the same
 memory: the bytes are exact, the time is not a transfer's (the strategies' `notes` say so in every run).
 No prefetch of the next layer on a side stream on CUDA: each layer's gathers are synchronous copies.
+The pool is sized (`kv_cache_memory`) and accounted as full KV, as on the device; speculative_fetch's
+partial-key pool (`PartialKeyStore.partial`, r / (2 head_dim) of it) sits beside it, not counted there.
 
 Neither evicts. Prefix caching stays on for `offloaded`; speculative_fetch turns it off, since a slot's
 partial key holds the channels of the request that wrote it, which a request sharing the block would not
