@@ -59,7 +59,10 @@ class ServeSession:
         return describe(self.lm.device if self.lm is not None else resolve_device(self.spec.device))
 
     def notes(self) -> list[str]:
-        return []
+        """What the engines' strategies say of this device (offload and fetch on a CPU move bytes host-to-host)."""
+        device = self.lm.device if self.lm is not None else resolve_device(self.spec.device)
+        variants = [v for v in self.spec.variants() if v.config.strategy]
+        return sorted({note for v in variants for note in strategy_of(v.config).notes(device)})
 
     def records_per(self, point: ServePoint) -> int:
         return len(self.spec.schedule(point.rate))

@@ -13,7 +13,8 @@ Positions here are a request's table entries (its kept tokens, in order, after a
 `kvbench.serve.request.Request`). A policy that scores tokens (h2o, snapkv) asks for the attention mass
 each entry receives by giving the context buffers to add it to: the single-token rows then compute their
 scores explicitly (one matmul, softmax, one matmul) instead of SDPA, and a chunk scores its last
-`mass_queries` queries over its context.
+`mass_queries` queries over its context. A policy that chooses what each single row reads (offload, speculative
+fetch: `kvbench.serve.fetch`) sets `StepContext.fetch`, which returns a group's K/V in place of the gather.
 transformers builds no mask for an attention name it does not know (`create_causal_mask` returns
 None), so nothing is computed twice. The name is set on the model's config only inside
 `paged_attention(model)`, so every other forward in kvbench keeps the model's own attention.
@@ -22,6 +23,7 @@ None), so nothing is computed twice. The name is set on the model's config only 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +70,9 @@ class StepContext:
     singles: tuple[SingleGroup, ...]
     chunks: tuple[Chunk, ...]
     single_mass: torch.Tensor | None = None  # [num_single, single_width] float32: each single row's attention per entry
+    # a policy that picks which context each single row attends (kvbench.serve.fetch): called per group as
+    # fetch(layer, group, q [Bg, kvh, group, d], new_keys [Bg, kvh, d]) -> keys, values [Bg, kvh, K, d], mask
+    fetch: Callable | None = None
 
     @property
     def single_width(self) -> int:
@@ -86,15 +91,19 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
     out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [T, H, d]
     for g in ctx.singles:
         b = g.r1 - g.r0
-        keys, values = (t.transpose(1, 2) for t in ctx.store.gather(layer, g.index))  # [Bg, kvh, Lg, d]
         # One query per row: the heads sharing a KV head become that head's queries ([Bg, kvh, group, d]),
         # so GQA needs neither repeated K/V nor enable_gqa (as transformers' sdpa does for decode).
-        q = query[0, :, g.r0:g.r1].transpose(0, 1).reshape(b, keys.shape[1], -1, query.shape[3])
+        q = query[0, :, g.r0:g.r1].transpose(0, 1).reshape(b, key.shape[1], -1, query.shape[3])
+        if ctx.fetch is not None:
+            keys, values, mask = ctx.fetch(layer, g, q, key[0, :, g.r0:g.r1].transpose(0, 1))
+        else:
+            keys, values = (t.transpose(1, 2) for t in ctx.store.gather(layer, g.index))  # [Bg, kvh, Lg, d]
+            mask = g.mask
         if ctx.single_mass is None:
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=g.mask, scale=scaling)
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling)
         else:
             mass = ctx.single_mass[g.r0:g.r1, :g.index.shape[1]]
-            o = scored_attention(q, keys, values, g.mask, scaling, mass)
+            o = scored_attention(q, keys, values, mask, scaling, mass)
         out[g.r0:g.r1] = o.reshape(b, query.shape[1], query.shape[3])
     for c in ctx.chunks:
         if c.mask is None:  # no past: the chunk's own K/V are its whole context

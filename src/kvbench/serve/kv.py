@@ -111,8 +111,9 @@ def make_kv(lm, config: EngineConfig) -> KV:
     from kvbench.serve.policies import make_policy
 
     policy = make_policy(config)
-    caching = config.enable_prefix_caching and config.kv_backend == "paged" and not (policy and policy.evicts)
+    caching = config.enable_prefix_caching and config.kv_backend == "paged" and (policy is None or policy.caches_prefixes)
     namespace = Namespace(lm.fingerprint, str(lm.dtype).removeprefix("torch."), block_size) if caching else None
     pool = BlockPool(num_blocks, block_size, token_bytes, namespace)
-    store = KVStore(layers, num_blocks, block_size, kv_heads, head_dim, lm.dtype, lm.device)
+    shape = (layers, num_blocks, block_size, kv_heads, head_dim, lm.dtype, lm.device)
+    store = policy.make_store(config, *shape) if policy is not None else KVStore(*shape)
     return KV(config.kv_backend, pool, store, max_model_len, policy=policy)

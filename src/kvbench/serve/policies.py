@@ -16,7 +16,8 @@ attention function, never by recomputing queries.
 - `snapkv`: the mass of the prompt's last `window` queries, max-pooled over `kernel` neighbours, picks
   the prompt entries kept at the prefill/decode boundary; decoded tokens are all kept.
 h2o and snapkv compact the kept entries to the front of the request's own blocks (one gather and
-scatter per layer, in batches) and release the blocks past them.
+scatter per layer, in batches) and release the blocks past them. `offloaded` and `speculative_fetch`,
+which evict nothing and hold the pool in a host tier, are in `kvbench.serve.fetch`.
 
 A policy acts once a request's prefill is complete (the per_seq strategies see a prompt whole), so its
 whole prompt is held while it prefills. Evicting policies turn prefix caching off: a table whose entries
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from kvbench.errors import KvbenchError, NotEngaged
+from kvbench.serve.kv import KVStore
 from kvbench.serve.runner import StepInputs, context_slots
 from kvbench.serve.scheduler import Row
 from kvbench.strategies.base import CacheStrategy
@@ -75,6 +77,7 @@ class PolicyState:
 
     decoding: bool = False
     mass: torch.Tensor | None = None  # [entries] float32
+    channels: torch.Tensor | None = None  # speculative_fetch: [layers, kvh, r] key channels it scores with
 
     def add(self, mass: torch.Tensor) -> None:
         if self.mass is None:
@@ -91,9 +94,14 @@ class PagedPolicy:
     `mass_queries` when they score."""
 
     evicts: ClassVar[bool] = True
+    caches_prefixes: ClassVar[bool] = False  # whether its requests' full blocks may be shared as cached prefixes
 
     def __init__(self, strategy: CacheStrategy, block_size: int):
         self.strategy, self.block_size, self.budget = strategy, block_size, strategy.budget
+
+    def make_store(self, config: EngineConfig, *shape) -> KVStore:
+        """The store of the pool's K/V (`KVStore`'s arguments); a policy whose KV lives elsewhere returns its own."""
+        return KVStore(*shape)
 
     def protected(self) -> int:
         """Entries always kept (window, sink blocks)."""
@@ -245,3 +253,6 @@ def _check_scored(ctx: StepContext, kv: KV) -> None:
         raise NotEngaged(f"the paged attention scored {total:.1f} of {expected} query-head-layers this step; the "
                          "policy would evict on missing scores. If transformers changed how attention is called, "
                          "use a tested version (kvbench env)")
+
+
+import kvbench.serve.fetch  # noqa: E402  registers offloaded and speculative_fetch (subclasses of PagedPolicy)

@@ -24,6 +24,11 @@ from kvbench.strategies.eviction import ScoredEviction, keep_top
 from kvbench.strategies.scores import queries
 
 
+def fetch_count(budget: float | int, window: int, tokens: int) -> int:
+    """Tokens a decode step over `tokens` cached ones fetches: the budget's share, at least the window and one more."""
+    return min(tokens, max(capacity(budget, tokens), window + 1))
+
+
 class SpeculativeLayer(DynamicLayer):
     """All keys/values on `offload`; `update` returns only the tokens predicted to matter."""
 
@@ -39,7 +44,7 @@ class SpeculativeLayer(DynamicLayer):
         self.fetched_tokens = self.held_tokens = 0  # summed over decode steps
 
     def fetch_count(self, tokens: int) -> int:
-        return min(tokens, max(capacity(self.budget, tokens), self.window + 1))
+        return fetch_count(self.budget, self.window, tokens)
 
     def update(self, key_states, value_states, *args, **kwargs):
         device = key_states.device
