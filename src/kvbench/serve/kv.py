@@ -111,6 +111,12 @@ def make_kv(lm, config: EngineConfig) -> KV:
     from kvbench.serve.policies import make_policy
 
     policy = make_policy(config)
+    if policy is not None and policy.quantizes:
+        from kvbench.serve.quant_blocks import StoreShape, make_quantized
+
+        shape = StoreShape(layers, num_blocks, block_size, kv_heads, head_dim, lm.dtype, lm.device)
+        pool, store = make_quantized(policy.strategy, shape, token_bytes)
+        return KV(config.kv_backend, pool, store, max_model_len, policy=policy)
     caching = config.enable_prefix_caching and config.kv_backend == "paged" and not (policy and policy.evicts)
     namespace = Namespace(lm.fingerprint, str(lm.dtype).removeprefix("torch."), block_size) if caching else None
     pool = BlockPool(num_blocks, block_size, token_bytes, namespace)
