@@ -263,12 +263,14 @@ class QuantizedPolicy(PagedPolicy):
 
     def due(self, request: Request) -> range:
         """Table indices that must be quantized once the next token is written: whole blocks past the sinks
-        ending at least `residual` entries before it (never the block it is written to)."""
+        and out of the `residual` most recent entries then. Never the block the token is written to, so with
+        residual 0 a block is quantized one step later than the per_seq strategy's group (whose new token
+        attends its own group quantized)."""
         entries = request.num_entries
         end = min(entries, entries + 1 - self.strategy.residual)
         return range(self.sink_blocks, max(self.sink_blocks, end // self.block_size))
 
-    def evict(self, request, state, kv, boundary):
+    def evict(self, request, state, kv, boundary):  # quantizes: nothing is evicted
         due = self.due(request)
         kv.pool.quantize(request.request_id, due, kv.store)
         kv.pool.check_engaged(request.request_id, due, kv.store)
