@@ -40,13 +40,15 @@ from kvbench.workloads.corpus import Corpus
 from kvbench.workloads.tokenizer import for_model
 
 CONFIGS = {"float": None, "int8": "quantized:bits=8", "int4": "quantized:bits=4"}
+# Without the sink block (the default keeps 4 sink tokens, so a whole float block): (a) and, asked for, (d)
+EXTRA = {"int4_sink0": "quantized:bits=4:sink_tokens=0"}
 
 
 def kv_bytes(lm, args) -> dict:
     prompt = prompts(1, args.bytes_tokens, lm.config.vocab_size, seed=3)[0]
     fields = {"max_num_batched_tokens": args.bytes_tokens, "num_blocks": args.bytes_tokens // args.block_size + 2}
     results = {}
-    for name, strategy in CONFIGS.items():
+    for name, strategy in (CONFIGS | EXTRA).items():
         engine = Engine(lm, EngineConfig(strategy=strategy, block_size=args.block_size, **fields))
         engine.add_request(prompt, SamplingParams(max_tokens=2, ignore_eos=True))
         engine.step()  # the prefill; the policy quantizes at its end
@@ -111,7 +113,7 @@ def concurrency(lm, args) -> dict:
     batch = prompts(args.cap_requests, args.cap_prompt, lm.config.vocab_size, seed=2)
     results = {}
     for name in args.configs.split(","):
-        strategy = CONFIGS[name]
+        strategy = (CONFIGS | EXTRA)[name]
         engine, requests, wall = serve(lm, batch, args.cap_output, strategy=strategy, block_size=args.block_size,
                                        max_num_seqs=args.cap_requests, kv_cache_memory=args.kv_cache_memory,
                                        max_num_batched_tokens=args.cap_prompt)
@@ -152,7 +154,7 @@ def main() -> None:
     parser.add_argument("--cap-requests", type=int, default=48)
     parser.add_argument("--cap-prompt", type=int, default=512)
     parser.add_argument("--cap-output", type=int, default=128)
-    parser.add_argument("--configs", default=",".join(CONFIGS), help="(d)'s configurations to run")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"(d)'s configurations: of {', '.join(CONFIGS | EXTRA)}")
     parser.add_argument("--skip", default="", help="comma-separated parts not to run: a, b, c, d")
     parser.add_argument("--out", type=Path, help="a directory for results.json")
     args = parser.parse_args()

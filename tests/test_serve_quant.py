@@ -116,6 +116,10 @@ def test_gather_returns_float_slots_and_the_per_seq_dequantization_of_quantized_
         ref_k, ref_v = reference._dequantized_body()
         assert torch.equal(keys[1], ref_k[0].transpose(0, 1)) and torch.equal(values[1], ref_v[0].transpose(0, 1))
         assert not torch.equal(keys[1], src[0].transpose(0, 1))  # dequantized, not the float K
+        shuffled = torch.randperm(32)  # slots that are not whole blocks in order: scales read per token
+        keys, values = store.gather(layer, index[1][shuffled])
+        assert torch.equal(keys, ref_k[0].transpose(0, 1)[shuffled])
+        assert torch.equal(values, ref_v[0].transpose(0, 1)[shuffled])
 
 
 def test_int4_runs_more_requests_at_once_under_a_cap(tiny):

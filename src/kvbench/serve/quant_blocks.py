@@ -97,17 +97,23 @@ class QuantizedKVStore(KVStore):
             self.value_zero[layer].index_copy_(0, dst, vz.squeeze(4))
 
     def dequantize(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V `[n, kvh, d]` of arena slots `[n]` (block * bs + offset), as the per_seq strategy computes them."""
-        blocks, dtype = slots // self.block_size, self.dtype
-        kc = unpack(self.key_codes[layer].flatten(0, 1).index_select(0, slots), self.bits)  # [n, h, d]
-        k = (kc.to(dtype) * self.key_scale[layer].index_select(0, blocks).to(dtype)
-             + self.key_zero[layer].index_select(0, blocks).to(dtype))
-        vc = unpack(self.value_codes[layer].flatten(0, 1).index_select(0, slots), self.bits)
-        n, h, d = vc.shape
-        vc = vc.view(n, h, d // self.vgroup, self.vgroup)
-        scale = self.value_scale[layer].flatten(0, 1).index_select(0, slots).unsqueeze(3).to(dtype)
-        zero = self.value_zero[layer].flatten(0, 1).index_select(0, slots).unsqueeze(3).to(dtype)
-        return k, (vc.to(dtype) * scale + zero).view(n, h, d)
+        """K/V `[n, kvh, d]` of arena slots `[n]` (block * bs + offset), with the per_seq strategy's arithmetic
+        (`codes * scale + zero` in the model's dtype, here in place). Where the slots are whole blocks in
+        order (as the attention's context slots are), a key scale is read once per block and broadcast
+        over its tokens instead of gathered per token."""
+        bs, dtype, n = self.block_size, self.dtype, slots.shape[0]
+        run = bs if n % bs == 0 and _whole_blocks(slots.view(-1, bs)) else 1
+        blocks = slots[::run] // bs
+        k = unpack(_select_rows(self.key_codes[layer].flatten(0, 1), slots), self.bits).to(dtype)  # [n, h, d]
+        k = k.view(n // run, run, *k.shape[1:])
+        k.mul_(self.key_scale[layer].index_select(0, blocks).to(dtype).unsqueeze(1))
+        k.add_(self.key_zero[layer].index_select(0, blocks).to(dtype).unsqueeze(1))
+        v = unpack(_select_rows(self.value_codes[layer].flatten(0, 1), slots), self.bits).to(dtype)
+        h, d = v.shape[1:]
+        v = v.view(n, h, d // self.vgroup, self.vgroup)
+        v.mul_(_select_rows(self.value_scale[layer].flatten(0, 1), slots).to(dtype).unsqueeze(3))
+        v.add_(_select_rows(self.value_zero[layer].flatten(0, 1), slots).to(dtype).unsqueeze(3))
+        return k.view(n, h, d), v.view(n, h, d)
 
     def gather(self, layer: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Float slots as they are, quantized ones (`>= float_slots`) dequantized and merged in place."""
@@ -121,6 +127,20 @@ class QuantizedKVStore(KVStore):
         keys.index_copy_(0, rows, k)
         values.index_copy_(0, rows, v)
         return keys.view(*index.shape, *keys.shape[1:]), values.view(*index.shape, *values.shape[1:])
+
+
+def _whole_blocks(runs: torch.Tensor) -> bool:
+    """Whether each row of `runs` `[m, bs]` is the slots of one block, in order."""
+    bs = runs.shape[1]
+    return bool((runs[:, 0] % bs == 0).all() and (runs == runs[:, :1] + torch.arange(bs, device=runs.device)).all())
+
+
+def _select_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`t.index_select(0, index)` for a contiguous `t`, copying each row as the widest integers its bytes
+    divide into (an index_select of narrow elements copies one at a time: 8x slower for uint8 codes)."""
+    row = t[0].numel() * t.element_size()
+    wide = next(w for w in (torch.int64, torch.int32, torch.int16, torch.uint8) if row % w.itemsize == 0)
+    return t.view(t.shape[0], -1).view(wide).index_select(0, index).view(t.dtype).view(-1, *t.shape[1:])
 
 
 class QuantizedBlockPool(BlockPool):
