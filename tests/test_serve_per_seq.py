@@ -208,7 +208,7 @@ def test_bytes_moved_per_request_are_exact(tiny, strategy):
     ({"kv_backend": "per_seq", "strategy": "h2o:budget=1.5"}, r"budget 1.5 as a fraction must be in \(0, 1\]"),
     ({"kv_backend": "per_seq", "strategy": "h2o:budget"}, "write name:key=value"),
     ({"kv_backend": "contiguous", "strategy": "h2o"}, "needs kv_backend per_seq"),
-    ({"kv_backend": "paged", "strategy": "quantized"}, "no paged version .*set kv_backend: per_seq"),
+    ({"kv_backend": "paged", "strategy": "hf_quantized:backend=fp8"}, "no paged version .*set kv_backend: per_seq"),
     ({"kv_backend": "per_seq", "num_blocks": 8}, "size it with kv_cache_memory"),
     ({"kv_backend": "per_seq", "preemption": "swap"}, "use preemption recompute or admission reserve"),
 ])

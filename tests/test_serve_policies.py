@@ -47,7 +47,7 @@ def _config(strategy=None, **fields):
 
 def test_a_strategy_without_paged_version_is_refused_and_evicting_turns_prefix_caching_off(tiny):
     with pytest.raises(KvbenchError, match="no paged version .*set kv_backend: per_seq"):
-        EngineConfig(strategy="quantized:bits=4")
+        EngineConfig(strategy="hf_quantized:backend=fp8")
     with pytest.raises(KvbenchError, match="unknown strategy|valid"):
         EngineConfig(strategy="h20")
     with pytest.raises(KvbenchError, match="needs kv_backend per_seq"):

@@ -31,7 +31,8 @@ from kvbench.reuse.blocks import Namespace
 class PoolUsage:
     """Exact accounting at one moment. used + cached + free = total blocks; `promised` are free or
     cached blocks set aside for reserve-admitted requests; `tokens_held` counts computed token slots in
-    used blocks (shared blocks once), so reserved bytes / used bytes is the internal fragmentation."""
+    used blocks (shared blocks once), so reserved bytes / used bytes is the internal fragmentation.
+    `quantized` blocks (`kvbench.serve.quant_blocks`) are held besides, full, at `quantized_block_bytes`."""
 
     total: int
     used: int
@@ -41,14 +42,20 @@ class PoolUsage:
     tokens_held: int
     block_bytes: int
     token_bytes: int
+    quantized: int = 0
+    quantized_block_bytes: int = 0
+
+    @property
+    def bytes_quantized(self) -> int:
+        return self.quantized * self.quantized_block_bytes
 
     @property
     def bytes_used(self) -> int:
-        return self.tokens_held * self.token_bytes
+        return self.tokens_held * self.token_bytes + self.bytes_quantized
 
     @property
     def bytes_reserved(self) -> int:
-        return (self.used + self.promised) * self.block_bytes
+        return (self.used + self.promised) * self.block_bytes + self.bytes_quantized
 
     @property
     def bytes_cached(self) -> int:
@@ -56,7 +63,7 @@ class PoolUsage:
 
     @property
     def bytes_free(self) -> int:
-        return self.free * self.block_bytes
+        return self.free * self.block_bytes - self.bytes_quantized
 
 
 class BlockPool:
@@ -193,7 +200,7 @@ class BlockPool:
 
     def check(self) -> None:
         """Assert the invariants (for tests and debugging)."""
-        counted = [0] * self.num_blocks
+        counted = [0] * len(self.refs)  # (a subclass may hold ids past num_blocks)
         for table in self.tables.values():
             for block in table:
                 counted[block] += 1
@@ -201,7 +208,7 @@ class BlockPool:
         assert all(self.refs[b] == 0 and b not in self._key_of for b in self._free), "a free block is held or keyed"
         assert all(self.refs[b] == 0 and b in self._key_of for b in self._cached), "a cached block is held or unkeyed"
         assert not set(self._free) & set(self._cached)
-        used = sum(1 for r in self.refs if r > 0)
+        used = sum(1 for r in self.refs[:self.num_blocks] if r > 0)
         assert used + len(self._free) + len(self._cached) == self.num_blocks, "free + used + cached != total"
         assert self.available >= 0, "more blocks promised than the pool has"
         for block, (key, parent, block_tokens) in self._key_of.items():

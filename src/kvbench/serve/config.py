@@ -23,7 +23,7 @@ class EngineConfig:
     (one slab of `max_model_len` tokens per request, TensorRT-LLM's "paging off") or `per_seq` (each request
     holds its own cache of `strategy`, a name or `name:key=value` as the CLI takes it; default `dynamic`;
     see `kvbench.serve.per_seq` for what it accounts and what it ignores). On `paged`, `strategy` names a
-    policy native to the pool (`kvbench.serve.policies`: sink, h2o, snapkv), with the same parameters.
+    policy native to the pool (`kvbench.serve.policies`: sink, h2o, snapkv, quantized), with the same parameters.
     kv_cache_memory / num_blocks: the pool's size in bytes, or in blocks (num_blocks wins).
     admission: `optimistic` admits with blocks for the next chunk plus a `watermark` fraction of the
     pool kept free, and preempts the newest request (recompute) when a running one cannot grow;

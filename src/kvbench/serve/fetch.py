@@ -199,8 +199,8 @@ class OffloadPolicy(PagedPolicy):
     def check(self, prompt_len, max_tokens):
         return None
 
-    def make_store(self, config, *shape):
-        return HostTierStore(*shape)
+    def make_store(self, config, shape):
+        return HostTierStore(*shape.args)
 
     def count(self, row: Row, length: int) -> int:
         """Tokens fetched per KV head for a single row over `length` entries."""
@@ -262,12 +262,11 @@ class SpeculativeFetchPolicy(OffloadPolicy):
     def check(self, prompt_len, max_tokens):
         PagedPolicy.check(self, prompt_len, max_tokens)
 
-    def make_store(self, config, *shape):
+    def make_store(self, config, shape):
         if config.preemption == "swap":
             raise KvbenchError("speculative_fetch keeps partial keys per slot, which a swapped request would not find "
                                "in the blocks it resumes into; use preemption recompute")
-        head_dim = shape[4]
-        return PartialKeyStore(min(self.strategy.partial_channels, head_dim), *shape)
+        return PartialKeyStore(min(self.strategy.partial_channels, shape.head_dim), *shape.args)
 
     def channels(self, row):
         state = row.request.policy_state

@@ -25,6 +25,24 @@ if TYPE_CHECKING:
     from kvbench.serve.policies import PagedPolicy
 
 
+@dataclass(frozen=True)
+class StoreShape:
+    """What a store holds: `num_blocks` blocks of `block_size` tokens per layer, each token `kv_heads` x `head_dim`."""
+
+    layers: int
+    num_blocks: int
+    block_size: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def args(self) -> tuple:
+        """`KVStore`'s positional arguments."""
+        return (self.layers, self.num_blocks, self.block_size, self.kv_heads, self.head_dim, self.dtype, self.device)
+
+
 class KVStore:
     """The K and V tensors of every layer. Slots are rows of the flat `[num_blocks * block_size, kvh, d]`
     view; zero-filled, so a padded gather never reads NaN from memory nobody wrote."""
@@ -113,7 +131,9 @@ def make_kv(lm, config: EngineConfig) -> KV:
     policy = make_policy(config)
     caching = config.enable_prefix_caching and config.kv_backend == "paged" and (policy is None or policy.caches_prefixes)
     namespace = Namespace(lm.fingerprint, str(lm.dtype).removeprefix("torch."), block_size) if caching else None
-    pool = BlockPool(num_blocks, block_size, token_bytes, namespace)
-    shape = (layers, num_blocks, block_size, kv_heads, head_dim, lm.dtype, lm.device)
-    store = policy.make_store(config, *shape) if policy is not None else KVStore(*shape)
+    shape = StoreShape(layers, num_blocks, block_size, kv_heads, head_dim, lm.dtype, lm.device)
+    if policy is not None:
+        pool, store = policy.make_pool_and_store(config, shape, token_bytes, namespace)
+    else:
+        pool, store = BlockPool(num_blocks, block_size, token_bytes, namespace), KVStore(*shape.args)
     return KV(config.kv_backend, pool, store, max_model_len, policy=policy)

@@ -15,6 +15,10 @@ attention function, never by recomputing queries.
   `window` most recent and the heaviest of the rest are kept.
 - `snapkv`: the mass of the prompt's last `window` queries, max-pooled over `kernel` neighbours, picks
   the prompt entries kept at the prefill/decode boundary; decoded tokens are all kept.
+- `quantized`: evicts nothing; full blocks past the sink blocks and out of the `residual` window are
+  quantized KIVI-style into an arena of codes and scales (`kvbench.serve.quant_blocks`) and their float
+  blocks return to the pool, whose admission counts bytes. The group is the block (`group_size` must
+  equal `block_size`).
 h2o and snapkv compact the kept entries to the front of the request's own blocks (one gather and
 scatter per layer, in batches) and release the blocks past them. `offloaded` and `speculative_fetch`,
 which evict nothing and hold the pool in a host tier, are in `kvbench.serve.fetch`.
@@ -27,7 +31,6 @@ are not its first positions is no prefix. `POLICIES` maps a strategy name to the
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -35,7 +38,9 @@ import torch
 import torch.nn.functional as F
 
 from kvbench.errors import KvbenchError, NotEngaged
-from kvbench.serve.kv import KVStore
+from kvbench.reuse.blocks import Namespace
+from kvbench.serve.block_pool import BlockPool
+from kvbench.serve.kv import KVStore, StoreShape
 from kvbench.serve.runner import StepInputs, context_slots
 from kvbench.serve.scheduler import Row
 from kvbench.strategies.base import CacheStrategy
@@ -57,10 +62,11 @@ def strategy_of(config: EngineConfig) -> CacheStrategy:
 
 def check_config(config: EngineConfig) -> None:
     """Refuse, in one line, a paged strategy without a native policy (called by `EngineConfig`)."""
-    name = strategy_of(config).name
-    if name not in POLICIES:
-        raise KvbenchError(f"strategy {name!r} has no paged version (paged runs {', '.join(POLICIES)}); "
+    strategy = strategy_of(config)
+    if strategy.name not in POLICIES:
+        raise KvbenchError(f"strategy {strategy.name!r} has no paged version (paged runs {', '.join(POLICIES)}); "
                            "set kv_backend: per_seq to run it")
+    POLICIES[strategy.name].check_config(strategy, config)
 
 
 def make_policy(config: EngineConfig) -> PagedPolicy | None:
@@ -99,9 +105,19 @@ class PagedPolicy:
     def __init__(self, strategy: CacheStrategy, block_size: int):
         self.strategy, self.block_size, self.budget = strategy, block_size, strategy.budget
 
-    def make_store(self, config: EngineConfig, *shape) -> KVStore:
-        """The store of the pool's K/V (`KVStore`'s arguments); a policy whose KV lives elsewhere returns its own."""
-        return KVStore(*shape)
+    def make_pool_and_store(self, config: EngineConfig, shape: StoreShape, token_bytes: int,
+                            namespace: Namespace | None) -> tuple[BlockPool, KVStore]:
+        """The pool and store this policy runs on (`kv.make_kv`): a plain pool and `make_store`'s store; a policy
+        whose blocks are not all alike (quantized) returns its own pool too."""
+        return BlockPool(shape.num_blocks, shape.block_size, token_bytes, namespace), self.make_store(config, shape)
+
+    def make_store(self, config: EngineConfig, shape: StoreShape) -> KVStore:
+        """The store of the pool's K/V; a policy whose KV lives elsewhere (a host tier) returns its own."""
+        return KVStore(*shape.args)
+
+    @classmethod
+    def check_config(cls, strategy: CacheStrategy, config: EngineConfig) -> None:
+        """Refuse, in one line, an engine configuration this policy cannot run under."""
 
     def protected(self) -> int:
         """Entries always kept (window, sink blocks)."""
@@ -232,10 +248,58 @@ class SnapKVPolicy(PagedPolicy):
         state.mass = None  # decoded tokens are all kept: no more scores
 
 
-POLICIES: dict[str, Callable[[CacheStrategy, int], PagedPolicy]] = {
+class QuantizedPolicy(PagedPolicy):
+    """Quantizes, evicts nothing. Once a request's prefill is done (the prompt attended in full precision),
+    and after each later step, the blocks that leave the window with the next token are quantized, so a
+    decode step attends what the per_seq strategy's would (its window flushes when the token is added).
+    Prefix caching is off too: a keyed block, once quantized, is no longer the float KV its key names."""
+
+    evicts = False
+
+    def __init__(self, strategy: CacheStrategy, block_size: int):
+        self.strategy, self.block_size, self.budget = strategy, block_size, None
+        self.sink_blocks = -(-strategy.sink_tokens // block_size)
+
+    @classmethod
+    def check_config(cls, strategy, config):
+        if strategy.group_size != config.block_size:
+            raise KvbenchError(f"quantized on the paged pool quantizes whole blocks: group_size {strategy.group_size} "
+                               f"must equal block_size {config.block_size}; set block_size to {strategy.group_size}")
+        if strategy.float_dtype != "model":
+            raise KvbenchError(f"quantized float_dtype {strategy.float_dtype!r}: the paged pool's float blocks are "
+                               "in the model's dtype; drop float_dtype or set kv_backend: per_seq")
+        if config.preemption == "swap":
+            raise KvbenchError("preemption swap copies float blocks and quantized blocks live in an arena beside "
+                               "them; use preemption recompute with quantized")
+
+    def make_pool_and_store(self, config, shape, token_bytes, namespace):
+        from kvbench.serve.quant_blocks import make_quantized
+
+        return make_quantized(self.strategy, shape, token_bytes)
+
+    def check(self, prompt_len, max_tokens):
+        pass  # every token is kept
+
+    def due(self, request: Request) -> range:
+        """Table indices that must be quantized once the next token is written: whole blocks past the sinks
+        and out of the `residual` most recent entries then. Never the block the token is written to, so with
+        residual 0 a block is quantized one step later than the per_seq strategy's group (whose new token
+        attends its own group quantized)."""
+        entries = request.num_entries
+        end = min(entries, entries + 1 - self.strategy.residual)
+        return range(self.sink_blocks, max(self.sink_blocks, end // self.block_size))
+
+    def evict(self, request, state, kv, boundary):  # quantizes: nothing is evicted
+        due = self.due(request)
+        kv.pool.quantize(request.request_id, due, kv.store)
+        kv.pool.check_engaged(request.request_id, due, kv.store)
+
+
+POLICIES: dict[str, type[PagedPolicy]] = {
     "sink": SinkPolicy,
     "h2o": H2OPolicy,
     "snapkv": SnapKVPolicy,
+    "quantized": QuantizedPolicy,
 }
 
 
