@@ -241,3 +241,32 @@ def test_the_serve_kind_records_paged_bytes_moved_and_says_they_are_host_to_host
     notes = json.loads((out / "run.json").read_text())["notes"]
     assert any(n.startswith("offloaded on cpu") for n in notes)
     assert any(n.startswith("speculative_fetch on cpu") for n in notes)
+
+
+def test_kv_host_memory_puts_the_pool_in_the_host_tier_and_the_cap_bounds_only_device_bytes(tiny):
+    """With kv_host_memory the cap counts what stays on the device per token: speculative_fetch's partial keys
+    (r of 2 * head_dim per KV head), offloaded's nothing; so the same cap runs more requests at once."""
+    layers, kvh, head_bytes = _head_bytes(tiny)
+    token_bytes = layers * kvh * head_bytes
+    partial_bytes = layers * kvh * R * 4  # float32
+    cap, host = 8 * BS * token_bytes, 2**30
+    base = {"num_blocks": None, "kv_cache_memory": cap}
+    spec = Engine(tiny, _config(SPEC, kv_host_memory=host, **base))
+    assert spec.kv.pool.num_blocks == cap // (BS * partial_bytes) == 8 * token_bytes // partial_bytes
+    assert spec.kv.store.partial[0].numel() * 4 * layers <= cap  # the device part fits the cap
+    offloaded = Engine(tiny, _config("offloaded", kv_host_memory=4 * cap, **base))
+    assert offloaded.kv.pool.num_blocks == 4 * 8  # the host tier alone sizes it
+    prompts = _prompts(lengths=(100, 90, 80, 70, 60, 50))
+    peaks = {}
+    for label, extra in (("cap", {}), ("host", {"kv_host_memory": host})):
+        engine, requests, _ = _serve(tiny, _config(SPEC, **base, **extra), prompts)
+        peaks[label] = max(s.num_running for s in engine.step_log)
+        assert all(len(r.output_ids) == 24 for r in requests)
+    assert peaks["cap"] < peaks["host"] == 4  # max_num_seqs
+
+
+@pytest.mark.parametrize("fields", [{"strategy": "h2o:budget=0.5"}, {"strategy": None},
+                                    {"kv_backend": "per_seq", "strategy": "offloaded"}])
+def test_kv_host_memory_is_refused_where_no_host_tier_holds_the_pool(fields):
+    with pytest.raises(KvbenchError, match="kv_host_memory"):
+        EngineConfig(kv_host_memory=2**30, **fields)

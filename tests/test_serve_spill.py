@@ -60,6 +60,18 @@ def test_evicted_prefix_loads_back_from_ram_with_the_same_tokens(tiny, admission
     assert third.num_cached_by_tier == {"pool": 28} and third.output_ids == first.output_ids
 
 
+def test_an_offloaded_pool_spills_and_loads_back_without_counting_the_spill_as_moved(tiny):
+    """offloaded keeps prefix caching (its pool is plain KV in a host tier): spill reads the host tensors
+    themselves, so the bytes the tier counts are still exactly the requests' reads."""
+    prompts = _prompts(2)
+    engine = Engine(tiny, EngineConfig(**SMALL_POOL, strategy="offloaded", kv_spill_ram=MiB))
+    first = _evict(engine, prompts)
+    again = engine.generate(prompts[:1], GREEDY)[0]
+    assert engine.spill.blocks_spilled >= 7 and again.num_cached_by_tier == {"ram": 28}
+    assert again.output_ids == first.output_ids == _reference(tiny, prompts[0])
+    assert engine.kv.store.bytes_moved == sum(r.bytes_moved or 0 for r in engine.requests.values())
+
+
 def test_a_fresh_engine_loads_the_prefix_from_the_disk_tier(tiny, tmp_path):
     prompts = _prompts(1)
     config = EngineConfig(**SMALL_POOL, kv_spill_ram=MiB, kv_spill_dir=str(tmp_path))
@@ -168,7 +180,9 @@ def test_a_stored_block_of_another_prefix_is_never_loaded(tiny, forged):
     (dict(kv_spill_ram=MiB, kv_backend="contiguous"), "the contiguous backend has none"),
     (dict(kv_spill_ram=MiB, kv_backend="per_seq"), "the per_seq backend has none"),
     (dict(kv_spill_ram=MiB, enable_prefix_caching=False), "enable_prefix_caching is off"),
-    (dict(kv_spill_ram=MiB, strategy="h2o:budget=0.5"), "evicts tokens, which turns prefix caching"),
+    (dict(kv_spill_ram=MiB, strategy="h2o:budget=0.5"), "turns prefix caching off"),
+    (dict(kv_spill_ram=MiB, strategy="quantized:bits=8:group_size=16"), "turns prefix caching off"),
+    (dict(kv_spill_ram=MiB, strategy="speculative_fetch:budget=0.5"), "turns prefix caching off"),
 ])
 def test_config_errors(fields, message):
     with pytest.raises(KvbenchError, match=message):

@@ -191,5 +191,7 @@ def pool_bytes_bound(config: EngineConfig, lm: LoadedModel, requests: Sequence[R
         per_token = strategy_of(config).token_bytes_bound(lm)
         return min(cap, sum(len(r.ids) + r.max_tokens for r in requests) * per_token)
     if config.num_blocks is None:
-        return cap
+        if config.kv_backend == "paged" and config.strategy and strategy_of(config).name == "quantized":
+            return 2 * cap  # float blocks for the whole cap, and an arena of quantized blocks as large
+        return cap + (config.kv_host_memory or 0)  # a host tier holds the pool: the cap bounds the device part
     return config.num_blocks * block_tokens(config, lm.context_window) * lm.kv_bytes_per_token

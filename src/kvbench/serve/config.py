@@ -12,7 +12,7 @@ PREEMPTIONS = ("recompute", "swap")
 BATCHINGS = ("continuous", "static")
 DEFAULT_KV_CACHE_MEMORY = 256 * 2**20  # bytes; stands in for "GPU memory left for KV" on a CPU
 # fields that hold bytes: specs and flags take sizes such as 256MiB
-BYTE_FIELDS = ("kv_cache_memory", "swap_space", "kv_spill_ram")
+BYTE_FIELDS = ("kv_cache_memory", "swap_space", "kv_spill_ram", "kv_host_memory")
 
 
 @dataclass(frozen=True)
@@ -23,8 +23,13 @@ class EngineConfig:
     (one slab of `max_model_len` tokens per request, TensorRT-LLM's "paging off") or `per_seq` (each request
     holds its own cache of `strategy`, a name or `name:key=value` as the CLI takes it; default `dynamic`;
     see `kvbench.serve.per_seq` for what it accounts and what it ignores). On `paged`, `strategy` names a
-    policy native to the pool (`kvbench.serve.policies`: sink, h2o, snapkv, quantized), with the same parameters.
+    policy native to the pool (`kvbench.serve.policies`: sink, h2o, snapkv, quantized, offloaded,
+    speculative_fetch), with the same parameters.
     kv_cache_memory / num_blocks: the pool's size in bytes, or in blocks (num_blocks wins).
+    kv_host_memory: for the policies whose pool lives in a host tier (offloaded, speculative_fetch), the host
+    tier's size in bytes; `kv_cache_memory` then bounds only what they keep on the compute device per token
+    (speculative_fetch: its partial keys; offloaded: nothing), as InfiniGen and vLLM's KV offloading count a
+    GPU's memory. None: the pool is sized by kv_cache_memory as full KV.
     admission: `optimistic` admits with blocks for the next chunk plus a `watermark` fraction of the
     pool kept free, and preempts the newest request (recompute) when a running one cannot grow;
     `reserve` admits only when prompt + max_tokens fit, and never preempts.
@@ -56,6 +61,7 @@ class EngineConfig:
     strategy: str | None = None  # per_seq: any strategy; paged: one with a native policy (kvbench.serve.policies)
     kv_spill_ram: int | None = None  # bytes of the RAM tier evicted prefix blocks spill into; None: no spill
     kv_spill_dir: str | None = None  # a disk tier under it (needs kv_spill_ram)
+    kv_host_memory: int | None = None  # bytes of the host tier that holds an offloaded / speculative_fetch pool
 
     def __post_init__(self):
         _one_of("kv_backend", self.kv_backend, KV_BACKENDS)
@@ -64,9 +70,12 @@ class EngineConfig:
         _one_of("batching", self.batching, BATCHINGS)
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             _positive(name, getattr(self, name))
-        for name in ("kv_cache_memory", "num_blocks", "max_model_len", "swap_space", "kv_spill_ram"):
+        for name in ("kv_cache_memory", "num_blocks", "max_model_len", "swap_space", "kv_spill_ram", "kv_host_memory"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
+        if self.kv_host_memory is not None and (self.kv_backend != "paged" or self.strategy is None):
+            raise KvbenchError("kv_host_memory sizes the host tier of a paged offloaded or speculative_fetch pool; "
+                               "set kv_backend: paged and strategy: offloaded or speculative_fetch, or drop it")
         if self.kv_backend == "per_seq":
             from kvbench.serve.per_seq import check_config
 

@@ -17,8 +17,12 @@ Bytes moved: host to device only (the per_seq strategies count the same directio
 written back to the host are not counted. On CPU the host tier and the compute device are the same
 memory: the bytes are exact, the time is not a transfer's (the strategies' `notes` say so in every run).
 No prefetch of the next layer on a side stream on CUDA: each layer's gathers are synchronous copies.
-The pool is sized (`kv_cache_memory`) and accounted as full KV, as on the device; speculative_fetch's
-partial-key pool (`PartialKeyStore.partial`, r / (2 head_dim) of it) sits beside it, not counted there.
+By default the pool is sized (`kv_cache_memory`) and accounted as full KV, as on the device, and
+speculative_fetch's partial-key pool (`PartialKeyStore.partial`, r / (2 head_dim) of it) sits beside it.
+With `kv_host_memory` the host tier is that large and `kv_cache_memory` bounds only what stays on the device
+(`device_token_bytes`: speculative_fetch's partial keys, nothing for offloaded), as a GPU's memory would be
+counted: more requests then fit the same cap. The pool's byte counts (`PoolUsage`) are still full KV: they
+are the host tier's.
 
 Neither evicts. Prefix caching stays on for `offloaded`; speculative_fetch turns it off, since a slot's
 partial key holds the channels of the request that wrote it, which a request sharing the block would not
@@ -35,7 +39,7 @@ import torch
 
 from kvbench.errors import KvbenchError, NotEngaged
 from kvbench.serve.attention import SingleGroup
-from kvbench.serve.kv import KV, KVStore
+from kvbench.serve.kv import KV, KVStore, StoreShape
 from kvbench.serve.policies import POLICIES, PagedPolicy, PolicyState
 from kvbench.serve.runner import StepInputs
 from kvbench.serve.scheduler import Row
@@ -112,7 +116,7 @@ class FetchStep:
     counts: list[int]
     channels: list[torch.Tensor | None]
     window: int = 0
-    fetched: list[int] = field(default_factory=list)
+    fetched: list[int] = field(init=False)
 
     def __post_init__(self):
         self.fetched = [0] * len(self.lengths)
@@ -190,6 +194,7 @@ class OffloadPolicy(PagedPolicy):
 
     evicts = False
     caches_prefixes = True
+    host_tier = True
 
     def __init__(self, strategy, block_size):
         self.strategy, self.block_size, self.budget, self.window = strategy, block_size, None, 0
@@ -198,6 +203,11 @@ class OffloadPolicy(PagedPolicy):
 
     def check(self, prompt_len, max_tokens):
         return None
+
+    def device_token_bytes(self, shape: StoreShape) -> int:
+        """Bytes per token kept on the compute device under `kv_host_memory`: none (only each step's working
+        set), so the pool is as large as the host tier."""
+        return 0
 
     def make_store(self, config, shape):
         return HostTierStore(*shape.args)
@@ -262,10 +272,18 @@ class SpeculativeFetchPolicy(OffloadPolicy):
     def check(self, prompt_len, max_tokens):
         PagedPolicy.check(self, prompt_len, max_tokens)
 
-    def make_store(self, config, shape):
+    def device_token_bytes(self, shape: StoreShape) -> int:
+        """Its partial keys: `partial_channels` key channels per layer and KV head."""
+        r = min(self.strategy.partial_channels, shape.head_dim)
+        return shape.layers * shape.kv_heads * r * torch.empty((), dtype=shape.dtype).element_size()
+
+    @classmethod
+    def check_config(cls, strategy, config):
         if config.preemption == "swap":
             raise KvbenchError("speculative_fetch keeps partial keys per slot, which a swapped request would not find "
                                "in the blocks it resumes into; use preemption recompute")
+
+    def make_store(self, config, shape):
         return PartialKeyStore(min(self.strategy.partial_channels, shape.head_dim), *shape.args)
 
     def channels(self, row):

@@ -11,6 +11,7 @@ Three backends behind the one interface (a pool that the scheduler asks for room
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -119,19 +120,26 @@ def make_kv(lm, config: EngineConfig) -> KV:
 
         return per_seq.make_kv(lm, config, max_model_len)
     block_size = block_tokens(config, lm.context_window)
-    if config.num_blocks is not None:
-        num_blocks = config.num_blocks
-    else:
-        num_blocks = (config.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY) // (block_size * token_bytes)
-    if num_blocks < 1:
-        raise KvbenchError(f"kv_cache_memory holds no {config.kv_backend} block of {block_size} tokens "
-                           f"({block_size * token_bytes} bytes); raise kv_cache_memory or lower max_model_len")
     from kvbench.serve.policies import make_policy
 
     policy = make_policy(config)
+    shape = StoreShape(layers, 0, block_size, kv_heads, head_dim, lm.dtype, lm.device)
+    cap = config.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY
+    if config.num_blocks is not None:
+        num_blocks = config.num_blocks
+    elif config.kv_host_memory is not None:  # a host tier holds the pool; the cap bounds what stays on the device
+        device_bytes = policy.device_token_bytes(shape)
+        num_blocks = config.kv_host_memory // (block_size * token_bytes)
+        if device_bytes:
+            num_blocks = min(num_blocks, cap // (block_size * device_bytes))
+    else:
+        num_blocks = cap // (block_size * token_bytes)
+    if num_blocks < 1:
+        raise KvbenchError(f"kv_cache_memory holds no {config.kv_backend} block of {block_size} tokens "
+                           f"({block_size * token_bytes} bytes); raise kv_cache_memory or lower max_model_len")
     caching = config.enable_prefix_caching and config.kv_backend == "paged" and (policy is None or policy.caches_prefixes)
     namespace = Namespace(lm.fingerprint, str(lm.dtype).removeprefix("torch."), block_size) if caching else None
-    shape = StoreShape(layers, num_blocks, block_size, kv_heads, head_dim, lm.dtype, lm.device)
+    shape = dataclasses.replace(shape, num_blocks=num_blocks)
     if policy is not None:
         pool, store = policy.make_pool_and_store(config, shape, token_bytes, namespace)
     else:

@@ -24,7 +24,9 @@ HELP = {  # where "default <value>" does not say it
         "swap_space": "the host tier's size for --preemption swap, e.g. 4GiB (default: unlimited)",
         "max_model_len": "default: the model's context window",
         "kv_spill_ram": "spill evicted prefix blocks into a RAM tier of this size, e.g. 1GiB (default: no spill)",
-        "kv_spill_dir": "a disk tier under the spill's RAM tier, in this directory (needs --kv-spill-ram)"}
+        "kv_spill_dir": "a disk tier under the spill's RAM tier, in this directory (needs --kv-spill-ram)",
+        "kv_host_memory": "offloaded / speculative_fetch: the host tier holding the pool, e.g. 8GiB; the KV cap then "
+                          "counts only what stays on the device (default: the pool is sized by the cap)"}
 STEP_LOG_LIMIT = 1000  # the server's engine keeps its last steps' stats, not every step's
 TYPES = {"int": int, "float": float, "str": str}
 

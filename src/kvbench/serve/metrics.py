@@ -36,7 +36,7 @@ class ServerMetrics:
 
         self.running = make(Gauge, "vllm:num_requests_running", "Requests in the running batch.")
         self.waiting = make(Gauge, "vllm:num_requests_waiting", "Requests waiting to be scheduled.")
-        self.kv_usage = make(Gauge, "vllm:kv_cache_usage_perc", "KV-cache usage: used blocks / all blocks (1 = 100%).")
+        self.kv_usage = make(Gauge, "vllm:kv_cache_usage_perc", "KV-cache usage: used blocks / all blocks, in bytes (1 = 100%).")
         self.queries = make(Counter, "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
         self.hits = make(Counter, "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.")
         self.tier_hits = Counter("kvbench:prefix_cache_hits_by_tier", "Prompt tokens found in the prefix cache, by "
@@ -72,7 +72,9 @@ class ServerMetrics:
         """The gauges, from the scheduler's queues and the pool's `PoolUsage`."""
         self.running.set(running)
         self.waiting.set(waiting)
-        self.kv_usage.set(usage.used / usage.total)
+        # in bytes, so quantized blocks (kvbench.serve.quant_blocks) count with what they hold: used / total
+        # blocks for a pool of one kind of block
+        self.kv_usage.set((usage.used * usage.block_bytes + usage.bytes_quantized) / (usage.total * usage.block_bytes))
         self.kv_bytes_used.set(usage.bytes_used)
         self.kv_bytes_reserved.set(usage.bytes_reserved)
         self.kv_blocks.set(usage.total)

@@ -15,17 +15,17 @@ attention function, never by recomputing queries.
   `window` most recent and the heaviest of the rest are kept.
 - `snapkv`: the mass of the prompt's last `window` queries, max-pooled over `kernel` neighbours, picks
   the prompt entries kept at the prefill/decode boundary; decoded tokens are all kept.
-- `quantized`: evicts nothing; full blocks past the sink blocks and out of the `residual` window are
-  quantized KIVI-style into an arena of codes and scales (`kvbench.serve.quant_blocks`) and their float
-  blocks return to the pool, whose admission counts bytes. The group is the block (`group_size` must
-  equal `block_size`).
 h2o and snapkv compact the kept entries to the front of the request's own blocks (one gather and
-scatter per layer, in batches) and release the blocks past them. `offloaded` and `speculative_fetch`,
-which evict nothing and hold the pool in a host tier, are in `kvbench.serve.fetch`.
+scatter per layer, in batches) and release the blocks past them. The policies that evict nothing live
+beside the store they need and register themselves here: `quantized` (`kvbench.serve.quant_blocks`: full
+blocks past the sink blocks and out of the `residual` window quantized KIVI-style into an arena of codes
+and scales, the group being the block; admission counts bytes), `offloaded` and `speculative_fetch`
+(`kvbench.serve.fetch`: the pool in a host tier).
 
 A policy acts once a request's prefill is complete (the per_seq strategies see a prompt whole), so its
-whole prompt is held while it prefills. Evicting policies turn prefix caching off: a table whose entries
-are not its first positions is no prefix. `POLICIES` maps a strategy name to the factory of its policy.
+whole prompt is held while it prefills. Prefix caching stays on only for a policy whose blocks are plain
+prefix KV (`caches_prefixes`: offloaded): a table whose entries are not its first positions is no prefix,
+and a quantized block or a slot's partial key is not what its key names to another request. `POLICIES` maps a strategy name to the factory of its policy.
 """
 
 from __future__ import annotations
@@ -66,6 +66,9 @@ def check_config(config: EngineConfig) -> None:
     if strategy.name not in POLICIES:
         raise KvbenchError(f"strategy {strategy.name!r} has no paged version (paged runs {', '.join(POLICIES)}); "
                            "set kv_backend: per_seq to run it")
+    if config.kv_host_memory is not None and not POLICIES[strategy.name].host_tier:
+        raise KvbenchError(f"{strategy.name} keeps its pool on the compute device: kv_host_memory applies to "
+                           "offloaded and speculative_fetch only; drop it")
     POLICIES[strategy.name].check_config(strategy, config)
 
 
@@ -101,6 +104,7 @@ class PagedPolicy:
 
     evicts: ClassVar[bool] = True
     caches_prefixes: ClassVar[bool] = False  # whether its requests' full blocks may be shared as cached prefixes
+    host_tier: ClassVar[bool] = False  # True: its pool lives in a host tier (`kv_host_memory`; `device_token_bytes`)
 
     def __init__(self, strategy: CacheStrategy, block_size: int):
         self.strategy, self.block_size, self.budget = strategy, block_size, strategy.budget
@@ -248,58 +252,10 @@ class SnapKVPolicy(PagedPolicy):
         state.mass = None  # decoded tokens are all kept: no more scores
 
 
-class QuantizedPolicy(PagedPolicy):
-    """Quantizes, evicts nothing. Once a request's prefill is done (the prompt attended in full precision),
-    and after each later step, the blocks that leave the window with the next token are quantized, so a
-    decode step attends what the per_seq strategy's would (its window flushes when the token is added).
-    Prefix caching is off too: a keyed block, once quantized, is no longer the float KV its key names."""
-
-    evicts = False
-
-    def __init__(self, strategy: CacheStrategy, block_size: int):
-        self.strategy, self.block_size, self.budget = strategy, block_size, None
-        self.sink_blocks = -(-strategy.sink_tokens // block_size)
-
-    @classmethod
-    def check_config(cls, strategy, config):
-        if strategy.group_size != config.block_size:
-            raise KvbenchError(f"quantized on the paged pool quantizes whole blocks: group_size {strategy.group_size} "
-                               f"must equal block_size {config.block_size}; set block_size to {strategy.group_size}")
-        if strategy.float_dtype != "model":
-            raise KvbenchError(f"quantized float_dtype {strategy.float_dtype!r}: the paged pool's float blocks are "
-                               "in the model's dtype; drop float_dtype or set kv_backend: per_seq")
-        if config.preemption == "swap":
-            raise KvbenchError("preemption swap copies float blocks and quantized blocks live in an arena beside "
-                               "them; use preemption recompute with quantized")
-
-    def make_pool_and_store(self, config, shape, token_bytes, namespace):
-        from kvbench.serve.quant_blocks import make_quantized
-
-        return make_quantized(self.strategy, shape, token_bytes)
-
-    def check(self, prompt_len, max_tokens):
-        pass  # every token is kept
-
-    def due(self, request: Request) -> range:
-        """Table indices that must be quantized once the next token is written: whole blocks past the sinks
-        and out of the `residual` most recent entries then. Never the block the token is written to, so with
-        residual 0 a block is quantized one step later than the per_seq strategy's group (whose new token
-        attends its own group quantized)."""
-        entries = request.num_entries
-        end = min(entries, entries + 1 - self.strategy.residual)
-        return range(self.sink_blocks, max(self.sink_blocks, end // self.block_size))
-
-    def evict(self, request, state, kv, boundary):  # quantizes: nothing is evicted
-        due = self.due(request)
-        kv.pool.quantize(request.request_id, due, kv.store)
-        kv.pool.check_engaged(request.request_id, due, kv.store)
-
-
 POLICIES: dict[str, type[PagedPolicy]] = {
     "sink": SinkPolicy,
     "h2o": H2OPolicy,
     "snapkv": SnapKVPolicy,
-    "quantized": QuantizedPolicy,
 }
 
 
@@ -319,4 +275,5 @@ def _check_scored(ctx: StepContext, kv: KV) -> None:
                          "use a tested version (kvbench env)")
 
 
-import kvbench.serve.fetch  # noqa: E402  registers offloaded and speculative_fetch (subclasses of PagedPolicy)
+import kvbench.serve.fetch  # noqa: E402, I001  registers offloaded and speculative_fetch (subclasses of PagedPolicy)
+import kvbench.serve.quant_blocks  # noqa: E402  registers quantized

@@ -1,4 +1,5 @@
-"""Quantized KV blocks on the paged pool (the `quantized` policy, `kvbench.serve.policies.QuantizedPolicy`).
+"""Quantized KV blocks on the paged pool: the `quantized` policy (`QuantizedPolicy`, registered in
+`kvbench.serve.policies.POLICIES`), its pool and its store.
 
 A request's table lists block ids of two kinds: float ids `[0, F)` are blocks of the float store (the
 `KVStore` tensors `[F, block_size, kvh, d]`), quantized ids `[F, F + Q)` are blocks of the codes/scales
@@ -15,19 +16,26 @@ kind costs its own bytes, so F and Q are each sized for the budget alone and a f
 free ids *and* free bytes for a float block. Quantizing a block frees its float block (refs permitting:
 never shared, since prefix caching is off under this policy) and takes a quantized id, so it always fits.
 The arena is allocated with `torch.zeros` (like the float store): on a CPU, pages nobody wrote cost no
-resident memory, so an arena sized for the whole budget does not double the footprint.
+resident memory, but float ids are handed out oldest-freed first, so over a run every float block gets
+touched and resident memory approaches the budget plus the quantized bytes held; on CUDA both are
+allocated, up to twice the budget (the serve kind's memory preflight counts both).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from kvbench.errors import KvbenchError, NotEngaged
 from kvbench.serve.block_pool import BlockPool, PoolUsage
 from kvbench.serve.kv import KVStore, StoreShape
+from kvbench.serve.policies import POLICIES, PagedPolicy
 from kvbench.strategies.quantized import pack, quantize, unpack
+
+if TYPE_CHECKING:
+    from kvbench.serve.request import Request
+    from kvbench.strategies.base import CacheStrategy
 
 SCALE_DTYPE = torch.float16
 
@@ -212,3 +220,51 @@ def make_quantized(strategy, shape: StoreShape, token_bytes: int) -> tuple[Quant
     pool = QuantizedBlockPool(shape.num_blocks, shape.block_size, token_bytes,
                               quantized_block_bytes(strategy.bits, shape))
     return pool, QuantizedKVStore(shape, strategy.bits, pool.num_quantized)
+
+
+class QuantizedPolicy(PagedPolicy):
+    """Quantizes, evicts nothing. Once a request's prefill is done (the prompt attended in full precision),
+    and after each later step, the blocks that leave the window with the next token are quantized, so a
+    decode step attends what the per_seq strategy's would (its window flushes when the token is added).
+    Prefix caching is off too: a keyed block, once quantized, is no longer the float KV its key names."""
+
+    evicts = False
+
+    def __init__(self, strategy: CacheStrategy, block_size: int):
+        self.strategy, self.block_size, self.budget = strategy, block_size, None
+        self.sink_blocks = -(-strategy.sink_tokens // block_size)
+
+    @classmethod
+    def check_config(cls, strategy, config):
+        if strategy.group_size != config.block_size:
+            raise KvbenchError(f"quantized on the paged pool quantizes whole blocks: group_size {strategy.group_size} "
+                               f"must equal block_size {config.block_size}; set block_size to {strategy.group_size}")
+        if strategy.float_dtype != "model":
+            raise KvbenchError(f"quantized float_dtype {strategy.float_dtype!r}: the paged pool's float blocks are "
+                               "in the model's dtype; drop float_dtype or set kv_backend: per_seq")
+        if config.preemption == "swap":
+            raise KvbenchError("preemption swap copies float blocks and quantized blocks live in an arena beside "
+                               "them; use preemption recompute with quantized")
+
+    def make_pool_and_store(self, config, shape, token_bytes, namespace):
+        return make_quantized(self.strategy, shape, token_bytes)
+
+    def check(self, prompt_len, max_tokens):
+        pass  # every token is kept
+
+    def due(self, request: Request) -> range:
+        """Table indices that must be quantized once the next token is written: whole blocks past the sinks
+        and out of the `residual` most recent entries then. Never the block the token is written to, so with
+        residual 0 a block is quantized one step later than the per_seq strategy's group (whose new token
+        attends its own group quantized)."""
+        entries = request.num_entries
+        end = min(entries, entries + 1 - self.strategy.residual)
+        return range(self.sink_blocks, max(self.sink_blocks, end // self.block_size))
+
+    def evict(self, request, state, kv, boundary):  # quantizes: nothing is evicted
+        due = self.due(request)
+        kv.pool.quantize(request.request_id, due, kv.store)
+        kv.pool.check_engaged(request.request_id, due, kv.store)
+
+
+POLICIES["quantized"] = QuantizedPolicy

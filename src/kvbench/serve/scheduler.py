@@ -195,6 +195,10 @@ class Scheduler:
             if len(loaded) < len(spilled):  # one gone or failing its check since found: computed (no more blocks)
                 computed = (len(matched) + len(loaded)) * self.pool.block_size
                 n = self._chunk(request.num_tokens - computed, budget)
+                if not self.config.chunked_prefill and n > budget and plan.rows:
+                    self.waiting.appendleft(request)  # the whole prompt no longer fits this step: it waits again
+                    over_budget = True
+                    break
             self.pool.admit(request.request_id, matched, promise)
             request.block_keys = []
             request.num_computed = computed

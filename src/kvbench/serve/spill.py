@@ -56,9 +56,9 @@ def check_config(config: EngineConfig) -> None:
     from kvbench.serve.policies import make_policy
 
     policy = make_policy(config)
-    if policy is not None and policy.evicts:
-        raise KvbenchError(f"strategy {config.strategy!r} evicts tokens, which turns prefix caching and so its "
-                           "spill off; drop kv_spill_ram or the strategy")
+    if policy is not None and not policy.caches_prefixes:
+        raise KvbenchError(f"strategy {config.strategy!r} turns prefix caching off (its blocks are not plain prefix "
+                           "KV), and so its spill; drop kv_spill_ram or the strategy")
 
 
 def make_spill(config: EngineConfig, kv: KV) -> PoolSpill | None:
@@ -92,9 +92,8 @@ class PoolSpill:
         """`BlockPool.on_evict`: copy pool block `block` into the store, unless it holds the key already."""
         if key in self.tiers:
             return
-        bs = self.ns.block_size
-        index = torch.arange(block * bs, (block + 1) * bs, device=self.store.k[0].device)
-        kv = torch.stack([torch.stack(self.store.gather(layer, index)) for layer in range(self.shape[0])])
+        # read the store's own tensors (as swap does), not `gather`: a host tier would count a spill as moved
+        kv = torch.stack([torch.stack((k[block], v[block])) for k, v in zip(self.store.k, self.store.v)])
         kv = kv.transpose(2, 3).contiguous().cpu()  # [layers, 2, bs, kvh, d] -> the Block layout
         try:
             self.tiers.put(key, Block(kv, position, tokens, content_key(tokens, self.ns), parent))
