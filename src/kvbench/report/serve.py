@@ -202,19 +202,24 @@ def _figures(run: Run, points: dict[str, dict], figures: Path) -> tuple[Path, ..
     drawn = []
     rates = list(dict.fromkeys(p["request_rate"] for p in points.values()))
     if len(rates) > 1:
-        fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-        for engine in dict.fromkeys(p["engine"] for p in points.values()):
+        engines = list(dict.fromkeys(p["engine"] for p in points.values()))
+        colors = plt.get_cmap("tab20" if len(engines) > 10 else "tab10")
+        fig, (*axes, key) = plt.subplots(1, 4, figsize=(15, 3.8), width_ratios=(4, 4, 4, 2))
+        for i, engine in enumerate(engines):  # one colour per engine: p50 solid, p99 dashed
             at = {p["request_rate"]: p for p in points.values() if p["engine"] == engine}
-            x = [i for i, r in enumerate(rates) if r in at]
+            x = [j for j, r in enumerate(rates) if r in at]
             for ax, name in zip(axes, ("ttft_ms", "tpot_ms", "e2e_ms")):
-                ax.plot(x, [at[rates[i]][f"{name}.p50"] for i in x], marker="o", label=f"{engine} p50")
-                ax.plot(x, [at[rates[i]][f"{name}.p99"] for i in x], marker="x", linestyle="--", label=f"{engine} p99")
+                color = colors(i % colors.N)
+                ax.plot(x, [at[rates[j]][f"{name}.p50"] for j in x], marker="o", color=color,
+                        label=engine if ax is axes[0] else None)
+                ax.plot(x, [at[rates[j]][f"{name}.p99"] for j in x], marker="x", linestyle="--", color=color)
         for ax, name in zip(axes, ("TTFT", "TPOT", "E2E")):
             ax.set_xticks(range(len(rates)), rates)
             ax.set_xlabel("request rate (req/s)")
-            ax.set_ylabel(f"{name} ms")
+            ax.set_ylabel(f"{name} ms (p50 solid, p99 dashed)")
             ax.set_yscale("log")
-        axes[0].legend(fontsize=7)
+        key.axis("off")
+        key.legend(*axes[0].get_legend_handles_labels(), loc="center left", fontsize=7)
         drawn.append(save(fig, figures / "latency_vs_rate.png", dpi=110))
     complete = {(key, 0) for key in points}
     steps = defaultdict(list)
