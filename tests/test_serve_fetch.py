@@ -19,6 +19,7 @@ from kvbench.serve import Engine, EngineConfig, SamplingParams, runner
 from kvbench.serve.fetch import FetchStep, HostTierStore
 from kvbench.serve.kv import model_shape
 from kvbench.strategies.speculative import fetch_count
+from test_serve_policies import _serve as serve_checked
 
 BS = 16
 R = 4  # partial channels of the tiny model's 16
@@ -44,15 +45,8 @@ def _serve(lm, config, prompts, max_tokens=24, monkeypatch=None):
         prepare = runner.prepare
         monkeypatch.setattr(runner, "prepare", lambda rows, *a: plans.append([(r.entry, r.n) for r in rows])
                             or prepare(rows, *a))
-    engine = Engine(lm, config)
-    sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-    ids = []
-    for i, prompt in enumerate(prompts):
-        ids.append(engine.add_request(prompt, sampling))
-        if i % 2:
-            engine.step()
-    engine.run_until_idle()
-    return engine, [engine.requests[i] for i in ids], plans
+    engine, requests = serve_checked(lm, config, prompts, max_tokens)
+    return engine, requests, plans
 
 
 def _head_bytes(lm):

@@ -82,6 +82,11 @@ class KVStore:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
+    @property
+    def block_bytes(self) -> int:
+        """K and V of one block over every layer (what swap and spill copy per block)."""
+        return self.nbytes // self.k[0].shape[0]
+
 
 @dataclass
 class KV:

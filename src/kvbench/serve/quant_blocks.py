@@ -61,8 +61,7 @@ class QuantizedKVStore(KVStore):
     """The float store plus the arena of `num_quantized` blocks (`quantize` fills one, `gather` reads both)."""
 
     def __init__(self, shape: StoreShape, bits: int, num_quantized: int):
-        super().__init__(shape.layers, shape.num_blocks, shape.block_size, shape.kv_heads, shape.head_dim,
-                         shape.dtype, shape.device)
+        super().__init__(*shape.args)
         self.bits, self.block_size, self.dtype = bits, shape.block_size, shape.dtype
         self.vgroup = value_group(bits, shape.block_size, shape.head_dim)
         bs, h, d, nq = shape.block_size, shape.kv_heads, shape.head_dim, num_quantized

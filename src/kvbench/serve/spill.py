@@ -78,7 +78,7 @@ class PoolSpill:
         self.store, self.ns = store, namespace
         k = store.k[0]
         self.shape = (len(store.k), 2, k.shape[2], k.shape[1], k.shape[3])  # a Block's kv
-        self.block_bytes = store.nbytes // k.shape[0]
+        self.block_bytes = store.block_bytes
         if ram_bytes < self.block_bytes:
             raise KvbenchError(f"kv_spill_ram ({ram_bytes} bytes) holds no block of {namespace.block_size} tokens "
                                f"({self.block_bytes} bytes); raise kv_spill_ram")

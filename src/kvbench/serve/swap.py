@@ -22,7 +22,7 @@ class HostTier:
 
     def __init__(self, store: KVStore, budget: int | None):
         self.store, self.budget = store, budget
-        self.block_bytes = store.nbytes // store.k[0].shape[0]
+        self.block_bytes = store.block_bytes
         self._held: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         self.bytes_held = 0
         self.bytes_swapped_out = 0
